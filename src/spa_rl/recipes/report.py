@@ -1,0 +1,158 @@
+"""spa report: report.md with PNG plots for one or more run folders, side by side.
+
+    spa report runs/pipeline-a runs/pipeline-b --out runs/report
+
+A run folder is a pipeline folder (with train/, eval*/ inside) or a single stage's folder. The
+report reads what the recipes wrote: `metrics.jsonl` of training (validation every K steps) and
+every `metrics.json` of evaluations. Plots: Pass@1 and Pass@k over steps, training reward,
+response length, and world-model accuracy of the world-model-mode evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spa_rl.errors import DataError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default=None, help="folder for report.md and the plots (default: the first run folder)")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {n}: not valid JSON") from None
+    return rows
+
+
+def collect(run: Path) -> dict:
+    """Training series and evaluation tables found in one run folder."""
+    if not run.is_dir():
+        raise DataError(f"run folder {run} does not exist")
+    series_files = sorted(run.glob("metrics.jsonl")) + sorted(run.glob("*/metrics.jsonl"))
+    series = read_jsonl(series_files[0]) if series_files else []
+    evals = {}
+    for path in sorted(run.glob("metrics.json")) + sorted(run.glob("*/metrics.json")):
+        try:
+            evals[str(path.parent.relative_to(run)) or "."] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: not valid JSON") from None
+    if not series and not evals:
+        raise DataError(f"{run}: no metrics.jsonl or metrics.json found (is it a spa-rl run folder?)")
+    return {"name": run.name, "series": series, "evals": evals}
+
+
+def _plot(runs, keys, title, ylabel, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    drawn = False
+    for run in runs:
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in run["series"] if r.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"{run['name']} {key}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_title(title)
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_world_model(runs, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("observation_exact", "prediction_exact", "prediction_cell_accuracy")
+    bars = [(f"{run['name']}/{name}", ev) for run in runs for name, ev in run["evals"].items()
+            if any(k in ev for k in keys)]
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(bars))], [ev.get(key, 0.0) for _, ev in bars], width, label=key)
+    ax.set_xticks([j + width for j in range(len(bars))], [name for name, _ in bars], rotation=20, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("world-model accuracy (world-model-mode evaluations)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+TABLE_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "success", "num_actions", "format_ok_rate",
+              "valid_action_rate", "effective_action_rate", "response_tokens", "observation_exact",
+              "prediction_exact", "prediction_cell_accuracy", "episodes")
+
+
+def build_report(run_dirs: list[Path], out: Path) -> Path:
+    runs = [collect(Path(r)) for r in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    passk = sorted({k for run in runs for r in run["series"] for k in r if k.startswith("val/pass@")},
+                   key=lambda k: int(k.split("@")[1]))
+    plots = []
+    for fname, keys, title, ylabel in [
+        ("pass_at_1.png", ["val/pass@1"], "validation Pass@1", "Pass@1"),
+        ("pass_at_k.png", passk, "validation Pass@k", "Pass@k"),
+        ("reward.png", ["rollout/score_mean"], "training score (rewards + penalties)", "mean score"),
+        ("response_length.png", ["rollout/response_tokens", "val/response_tokens"], "response tokens per episode",
+         "tokens"),
+    ]:
+        if _plot(runs, keys, title, ylabel, out / fname):
+            plots.append((title, fname))
+    if _plot_world_model(runs, out / "world_model.png"):
+        plots.append(("world-model accuracy", "world_model.png"))
+
+    lines = ["# spa-rl report", "", "Runs: " + ", ".join(f"`{r}`" for r in run_dirs), ""]
+    columns = [(run["name"], name, ev) for run in runs for name, ev in run["evals"].items()]
+    if columns:
+        lines += ["## Evaluations", "", "| metric | " + " | ".join(f"{r}/{n}" for r, n, _ in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for key in TABLE_KEYS:
+            if any(key in ev for _, _, ev in columns):
+                cells = [f"{ev[key]:.3f}" if isinstance(ev.get(key), float) else str(ev.get(key, "")) for _, _, ev in columns]
+                lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for run in runs:
+        vals = [r for r in run["series"] if "val/pass@1" in r]
+        if len(vals) >= 1:
+            first, last = vals[0], vals[-1]
+            lines += [f"## Training: {run['name']}", "",
+                      f"Validation Pass@1 {first['val/pass@1']:.3f} at step {first['step']} -> "
+                      f"{last['val/pass@1']:.3f} at step {last['step']} "
+                      f"({last.get('val/episodes', '?')} episodes per validation).", ""]
+    for title, fname in plots:
+        lines += [f"## {title}", "", f"![{title}]({fname})", ""]
+    path = out / "report.md"
+    from spa_rl.config import atomic_write_text
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def run(args) -> int:
+    out = Path(args.out) if args.out else Path(args.runs[0])
+    path = build_report([Path(r) for r in args.runs], out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,89 @@
+"""Batched multi-turn rollouts, token-in token-out.
+
+Every turn, all episodes still running are sent to the backend together. Each episode's context
+is a `TokenSequence` that only ever grows by appending:
+
+    context_{t+1} = context_t + sampled ids of turn t + continuation ids (end of turn, next user turn)
+
+so the ids a later stage trains on are exactly the ids that were sampled, with their sampling
+log-probs beside them. Decoded text goes only to the game (parsing) and to the transcripts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from spa_rl.agent import Episode, EpisodeConfig, PromptSet
+from spa_rl.envs import make as make_env
+from spa_rl.envs.seeds import level_seed
+from spa_rl.rollout.backend import GenerationBackend, SamplingParams
+from spa_rl.tokens import ChatTokenizer, TokenSequence
+
+
+@dataclass
+class TurnTokens:
+    prompt_len: int  # the turn's prompt is sequence.input_ids[:prompt_len]
+    sampled_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos", "stop" or "length" (see backend.Generation)
+
+
+@dataclass
+class Rollout:
+    """One episode with its token record."""
+
+    episode: Episode
+    group: int  # episodes of one group play the same level
+    sequence: TokenSequence = field(default_factory=TokenSequence)
+    turns: list[TurnTokens] = field(default_factory=list)
+    context_overflow: bool = False  # stopped because the next turn would not fit the context
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(t.sampled_ids) for t in self.turns)
+
+
+def make_episodes(env_name: str, split: str, first_level: int, groups: int, group_size: int,
+                  config: EpisodeConfig, prompts: PromptSet | None = None,
+                  env_options: dict | None = None) -> list[tuple[int, Episode]]:
+    """`groups x group_size` episodes; group g plays level `level_seed(split, first_level + g)`."""
+    prompts = prompts or PromptSet.load(env_name)
+    out = []
+    for g in range(groups):
+        seed = level_seed(split, first_level + g)
+        for _ in range(group_size):
+            env = make_env(env_name, render_mode=config.render_mode, **(env_options or {}))
+            out.append((g, Episode(env, seed, config, prompts)))
+    return out
+
+
+def run_rollouts(episodes: Sequence[tuple[int, Episode]], backend: GenerationBackend, chat: ChatTokenizer,
+                 params: SamplingParams, max_context_tokens: int = 8192,
+                 on_turn: Callable[[int, int], None] | None = None) -> list[Rollout]:
+    """Play every episode to its end. `on_turn(turn, n_active)` is called before each batch."""
+    rollouts = [Rollout(episode=ep, group=g) for g, ep in episodes]
+    for r in rollouts:
+        r.sequence.add(chat.prompt_ids(r.episode.messages), trained=False)
+    turn = 0
+    while True:
+        active = [r for r in rollouts if not r.episode.done and not r.context_overflow]
+        for r in active:
+            if len(r.sequence) + params.max_new_tokens > max_context_tokens:
+                r.context_overflow = True
+        active = [r for r in active if not r.context_overflow]
+        if not active:
+            break
+        turn += 1
+        if on_turn is not None:
+            on_turn(turn, len(active))
+        gens = backend.generate([r.sequence.input_ids for r in active], params)
+        for r, gen in zip(active, gens):
+            r.turns.append(TurnTokens(len(r.sequence), gen.token_ids, gen.logprobs, gen.finish_reason))
+            r.sequence.add(gen.token_ids, trained=True, logprobs=gen.logprobs, turn=len(r.turns))
+            text = chat.generation_prefix + chat.decode(gen.token_ids)
+            r.episode.apply_response(text)
+            if not r.episode.done:
+                user = r.episode.messages[-1]
+                r.sequence.add(chat.continuation_ids(user, ended_with_eos=gen.finish_reason == "eos"), trained=False)
+    return rollouts
