@@ -324,7 +324,7 @@ def main(cfg: Config) -> int:
     critic = Critic(copy.deepcopy(actor.get_decoder()), actor.config.hidden_size) if cfg.algo == "ppo" else None
     ref = load_model_and_tokenizer(cfg.init, dtype="fp32")[0].eval() if cfg.kl_coef else None
     if cfg.gradient_checkpointing:
-        actor.gradient_checkpointing_enable()
+        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if critic is not None:
             critic.backbone.gradient_checkpointing_enable()
     actor.config.use_cache = False
@@ -347,6 +347,7 @@ def main(cfg: Config) -> int:
     kept_groups = max(1, int(cfg.keep_ratio * cfg.groups))
     print(f"{cfg.algo} on {cfg.env}: {cfg.groups}x{cfg.group_size} episodes per step, {kept_groups * cfg.group_size} "
           f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; compute {'bf16' if bf16 else 'fp32'}")
+    actor.eval()
     if start == 0:
         validate(rollout_model, tokenizer, cfg, 0, log)
 
@@ -368,7 +369,6 @@ def main(cfg: Config) -> int:
         timing["time/scoring_s"] = time.perf_counter() - t1
         # 4. Old log-probs and values under the training forward.
         t2 = time.perf_counter()
-        actor.eval()
         old_logprobs, old_values = forward_no_grad(actor, critic, batch, cfg, cfg.micro_batch_size)
         mask = batch["mask"]
         gap = ((old_logprobs - batch["rollout_logprobs"]).abs() * mask).sum() / mask.sum().clamp(min=1)
@@ -389,6 +389,9 @@ def main(cfg: Config) -> int:
         actor.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         update_stats = ppo_update(actor, critic, actor_opt, critic_opt, batch, cfg, gen)
+        # Back to eval mode: in train mode with gradient checkpointing, transformers turns the KV
+        # cache off, and the next rollout (or validation) would decode without its context.
+        actor.eval()
         if rollout_model is not actor:
             rollout_model.load_state_dict(actor.state_dict())
         timing["time/update_s"] = time.perf_counter() - t2

@@ -97,16 +97,21 @@ class HFBackend:
         return piece
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        out: list[Generation] = []
-        # Longest prompts together: less padding per chunk.
+        # Similar lengths together: less padding per chunk.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: dict[int, Generation] = {}
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], params)):
-                results[i] = gen
-        out = [results[i] for i in range(len(prompts))]
-        return out
+        # Eval mode for sampling: in train mode with gradient checkpointing, transformers turns
+        # the KV cache off and every decoded token would lose its context.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.max_batch_size):
+                chunk = order[start:start + self.max_batch_size]
+                for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], params)):
+                    results[i] = gen
+        finally:
+            self.model.train(was_training)
+        return [results[i] for i in range(len(prompts))]
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:

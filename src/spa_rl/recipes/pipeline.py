@@ -1,0 +1,126 @@
+"""spa pipeline: the whole SPA recipe in one command, resumable.
+
+    spa pipeline --env sokoban --preset cpu-small --out runs/pipeline       # what `make demo` runs
+    spa pipeline --env sokoban --preset paper --model Qwen/Qwen2.5-1.5B-Instruct --out runs/paper
+
+Stages, each in its own sub-folder of --out, in order:
+  generate/      self-play world-model data (`spa generate`)
+  sft/           world-model SFT on it (`spa sft`)
+  eval-sft-wm/   the SFT model in world-model mode: how well it predicts states
+  train/         PPO from the last SFT checkpoint (`spa train`, validating on the way)
+  eval/          the final policy on the validation levels (`spa eval`)
+and then report.md with plots (`spa report`).
+
+A stage whose folder holds a `STAGE_DONE` file is skipped. A stage that was interrupted runs
+again: SFT and PPO resume from their last checkpoint, generation and evaluation start over
+(they write their outputs atomically at the end). Presets are YAML files in spa_rl/configs/
+with one section per stage; `--set stage.field=value` overrides a single field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from spa_rl.config import atomic_write_text, load_config, save_config
+from spa_rl.envs import ENV_NAMES
+from spa_rl.errors import ConfigError
+
+STAGES = ("generate", "sft", "eval-sft-wm", "train", "eval")
+RECIPES = {"generate": "spa_rl.recipes.generate", "sft": "spa_rl.recipes.sft", "eval-sft-wm": "spa_rl.recipes.eval",
+           "train": "spa_rl.recipes.train", "eval": "spa_rl.recipes.eval"}
+DONE = "STAGE_DONE"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="sokoban", choices=ENV_NAMES, help="game (default: sokoban)")
+    p.add_argument("--preset", default="cpu-small",
+                   help="cpu-small (embedded model, this laptop), paper (SPEC's numbers, GPU), or a YAML file")
+    p.add_argument("--model", default=None, help="model to start from (default: the preset's)")
+    p.add_argument("--out", default="runs/pipeline", help="output folder (default: runs/pipeline)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override one field of one stage, e.g. --set train.steps=20 (repeatable)")
+
+
+def load_preset(name: str) -> dict:
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        text = path.read_text()
+    else:
+        try:
+            text = resources.files("spa_rl.configs").joinpath(f"{name}.yaml").read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"unknown preset {name!r}: use cpu-small, paper or a YAML file") from None
+    data = yaml.safe_load(text) or {}
+    unknown = sorted(set(data) - set(STAGES) - {"model"})
+    if unknown:
+        raise ConfigError(f"preset {name}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(STAGES)}")
+    return data
+
+
+def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list[str]) -> dict:
+    """The resolved config of every stage, with the links between stages filled in."""
+    sections = {s: dict(preset.get(s) or {}) for s in STAGES}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        stage, dot, field = key.partition(".")
+        if not sep or not dot or stage not in STAGES:
+            raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+        sections[stage][field.replace("-", "_")] = yaml.safe_load(value)
+    from spa_rl.recipes.sft import latest_checkpoint_path
+
+    sft_final = latest_checkpoint_path(out / "sft", sections["sft"])
+    links = {
+        "generate": {"env": env, "model": model, "out": str(out / "generate")},
+        "sft": {"data": str(out / "generate"), "model": model, "out": str(out / "sft")},
+        "eval-sft-wm": {"env": env, "model": str(sft_final), "mode": "world-model", "out": str(out / "eval-sft-wm")},
+        "train": {"env": env, "init": str(sft_final), "out": str(out / "train")},
+        "eval": {"env": env, "model": str(out / "train" / "checkpoint" / "actor"), "out": str(out / "eval")},
+    }
+    configs = {}
+    for stage in STAGES:
+        module = importlib.import_module(RECIPES[stage])
+        values = {**sections[stage], **links[stage]}
+        try:
+            configs[stage] = load_config(module.Config, values)
+        except ConfigError as exc:
+            raise ConfigError(f"stage {stage}: {exc}") from None
+    return configs
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    preset = load_preset(args.preset)
+    model = args.model or preset.get("model", "default")
+    configs = stage_configs(preset, args.env, model, out, args.set)  # all errors before any work
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
+        {"env": args.env, "preset": args.preset, "model": model, "overrides": args.set}, sort_keys=False))
+    for stage in STAGES:
+        folder = out / stage
+        if (folder / DONE).exists():
+            print(f"[pipeline] {stage}: complete, skipped")
+            continue
+        cfg = configs[stage]
+        if hasattr(cfg, "resume") and folder.exists():
+            cfg.resume = True
+            print(f"[pipeline] {stage}: resuming")
+        print(f"[pipeline] {stage}: running")
+        t0 = time.perf_counter()
+        code = importlib.import_module(RECIPES[stage]).main(cfg)
+        if code:
+            print(f"[pipeline] {stage} failed with code {code}")
+            return code
+        save_config(cfg, folder, "stage_config.yaml")
+        atomic_write_text(folder / DONE, f"{time.perf_counter() - t0:.1f} seconds\n")
+        print(f"[pipeline] {stage}: done in {time.perf_counter() - t0:.0f}s")
+    from spa_rl.recipes.report import build_report
+    print(f"[pipeline] wrote {build_report([out], out)}")
+    return 0
