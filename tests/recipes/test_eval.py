@@ -1,0 +1,65 @@
+"""spa eval end to end: the real default model through the real CLI, and metrics that agree with
+the transcripts they summarise."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from spa_rl.config import load_config
+from spa_rl.recipes import eval as eval_recipe
+
+
+def check_outputs(out, levels, samples):
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["episodes"] == levels * samples
+    # metrics agree with the transcripts
+    successes = [bool(r["success"]) for r in rows]
+    assert metrics["pass@1"] == pytest.approx(sum(successes) / len(rows))
+    assert metrics["success"] == pytest.approx(metrics["pass@1"])
+    by_level = {}
+    for r in rows:
+        by_level.setdefault(r["level_seed"], []).append(r["success"])
+    assert len(by_level) == levels
+    assert metrics[f"pass@{samples}"] == pytest.approx(sum(any(v) for v in by_level.values()) / levels)
+    assert metrics["num_actions"] == pytest.approx(sum(r["num_actions"] for r in rows) / len(rows))
+    assert metrics["response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / len(rows))
+    for r in rows:
+        assert [m["role"] for m in r["messages"]][:2] == ["system", "user"]
+        assert len(r["states"]) == len(r["turns"]) + 1  # true states s_0..s_T
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["levels"] == levels and config["samples"] == samples
+    return metrics, rows
+
+
+@pytest.mark.slow
+def test_spa_eval_with_the_default_model(tmp_path, default_model_dir):
+    out = tmp_path / "eval"
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--env", "sokoban", "--model", "default",
+                          "--mode", "world-model", "--levels", "2", "--samples", "2", "--max-turns", "2",
+                          "--max-new-tokens", "48", "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics, rows = check_outputs(out, 2, 2)
+    assert "pass@2" in metrics and metrics["generated_tokens_per_second"] > 0
+    assert "metric" in res.stderr  # the summary table
+
+
+def test_eval_tiny_model_in_process(tmp_path):
+    cfg = load_config(eval_recipe.Config, {"env": "frozenlake", "model": "tiny", "levels": 3, "samples": 4,
+                                           "max_turns": 2, "max_new_tokens": 12, "out": str(tmp_path)})
+    assert eval_recipe.main(cfg) == 0
+    metrics, _ = check_outputs(tmp_path, 3, 4)
+    assert {"pass@1", "pass@2", "pass@4"} <= set(metrics)
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--levels", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith("spa: error:") and "levels" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--model", str(tmp_path / "nope"),
+                          "--levels", "1", "--samples", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "nope" in res.stderr
