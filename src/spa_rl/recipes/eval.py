@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spa_rl.config import option, save_config, atomic_write_text
 from spa_rl.envs import ENV_NAMES
+from spa_rl.errors import ConfigError
 
 MODES = ("base", "world-model")
 RENDERS = ("grid", "grid+coords")
@@ -31,6 +32,8 @@ class Config:
     levels: int = option(128, "number of validation levels")
     samples: int = option(8, "episodes per level (n for Pass@k)")
     first_level: int = option(0, "index of the first level in the validation seed stream")
+    level_file: str | None = option(None, "play the levels of this file (blank-line separated) instead of generated ones")
+    env_options: str | None = option(None, "game options as YAML, e.g. '{size: 6}' or '{is_slippery: false}'")
     max_turns: int = option(5, "LLM turns per episode")
     max_actions_per_turn: int = option(5, "actions kept from one answer")
     action_budget: int | None = option(None, "actions per episode (default: the game's, 10 / 10 / 50)")
@@ -56,7 +59,26 @@ class Config:
             errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
+        try:
+            parse_env_options(self.env_options)
+        except ConfigError as exc:
+            errors.append(str(exc))
         return errors
+
+
+def parse_env_options(text: str | None) -> dict:
+    """`--env-options '{size: 6, is_slippery: false}'` -> dict (validated by the env itself)."""
+    import yaml
+
+    if not text:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"env_options: {text!r} is not YAML") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"env_options: expected a mapping like '{{size: 6}}', got {text!r}")
+    return value
 
 
 def episode_config(cfg) -> "EpisodeConfig":
@@ -105,7 +127,8 @@ def evaluate(model, tokenizer, cfg, split: str = "val", show_progress: bool = Tr
 
     chat = ChatTokenizer(tokenizer)
     backend = HFBackend(model, tokenizer, max_batch_size=cfg.batch_size, seed=cfg.seed)
-    episodes = make_episodes(cfg.env, split, cfg.first_level, cfg.levels, cfg.samples, episode_config(cfg))
+    episodes = make_episodes(cfg.env, split, cfg.first_level, cfg.levels, cfg.samples, episode_config(cfg),
+                             env_options=parse_env_options(cfg.env_options), level_file=cfg.level_file)
     bar = tqdm(total=len(episodes), desc=f"eval {cfg.env}", unit="ep", disable=not show_progress)
 
     def on_turn(turn, n_active):

@@ -48,6 +48,8 @@ class Config:
     groups: int = option(32, "levels per step")
     group_size: int = option(8, "episodes per level")
     keep_ratio: float = option(0.25, "share of groups kept by in-group score std")
+    level_file: str | None = option(None, "train and validate on the levels of this file instead of generated ones")
+    env_options: str | None = option(None, "game options as YAML, e.g. '{is_slippery: false}'")
     mode: str = option("base", "prompt mode during RL (the reference uses base)", choices=MODES)
     render: str = option("grid+coords", "state text", choices=RENDERS)
     max_turns: int = option(5, "LLM turns per episode")
@@ -138,19 +140,19 @@ def loss_mask_for(rollout, chat, loss_tokens: str) -> list[int]:
 
 def build_batch(rollouts, chat, cfg, pad_id):
     """Tensors for the kept episodes. Rewards: the episode score on its last trained token."""
-    from spa_rl.forward import pad_batch
+    from spa_rl.training import pad_batch
 
-    ids = [r.sequence.input_ids for r in rollouts]
     masks = [loss_mask_for(r, chat, cfg.loss_tokens) for r in rollouts]
-    lps = [r.sequence.logprobs for r in rollouts]
-    input_ids, attention, mask, rollout_logprobs = pad_batch(ids, pad_id, masks, lps)
+    input_ids, attention, mask = pad_batch([r.sequence.input_ids for r in rollouts], masks, pad_id)
+    mask[:, 0] = False  # token 0 is never predicted
     rewards = torch.zeros(input_ids.shape, dtype=torch.float32)
+    rollout_logprobs = torch.zeros(input_ids.shape, dtype=torch.float32)
     for b, r in enumerate(rollouts):
         last = max(i for i, m in enumerate(masks[b]) if m)
         rewards[b, last] = float(r.episode.score)
-    mask[:, 0] = 0  # token 0 is never predicted
+        rollout_logprobs[b, :len(r.sequence)] = torch.tensor(r.sequence.logprobs)
     return dict(input_ids=input_ids, attention_mask=attention, mask=mask.float(), rewards=rewards,
-                rollout_logprobs=rollout_logprobs.float())
+                rollout_logprobs=rollout_logprobs)
 
 
 def autocast(cfg_dtype: str):
@@ -162,7 +164,7 @@ def autocast(cfg_dtype: str):
 @torch.no_grad()
 def forward_no_grad(actor, critic, batch, cfg, micro: int):
     """Old log-probs (training forward) and old values, micro-batch by micro-batch."""
-    from spa_rl.forward import token_stats
+    from spa_rl.training import token_logprobs
 
     B = batch["input_ids"].shape[0]
     logprobs = torch.zeros_like(batch["rewards"])
@@ -170,8 +172,8 @@ def forward_no_grad(actor, critic, batch, cfg, micro: int):
     for s in range(0, B, micro):
         sl = slice(s, s + micro)
         with autocast(cfg.dtype):
-            logprobs[sl] = token_stats(actor, batch["input_ids"][sl], batch["attention_mask"][sl],
-                                       batch["mask"][sl]).logprobs
+            logprobs[sl] = token_logprobs(actor, batch["input_ids"][sl], batch["attention_mask"][sl],
+                                          batch["mask"][sl])
             if critic is not None:
                 values[sl] = critic(batch["input_ids"][sl], batch["attention_mask"][sl])
     return logprobs, values * batch["mask"]
@@ -180,7 +182,7 @@ def forward_no_grad(actor, critic, batch, cfg, micro: int):
 def ppo_update(actor, critic, actor_opt, critic_opt, batch, cfg, generator) -> dict:
     """Step 6: mini-batch updates over the kept episodes; returns mean stats."""
     from spa_rl.algorithms import masked_mean, ppo_policy_loss, value_loss
-    from spa_rl.forward import token_stats
+    from spa_rl.training import token_logprobs
 
     B = batch["input_ids"].shape[0]
     mb = cfg.mini_batch_size or B
@@ -197,18 +199,18 @@ def ppo_update(actor, critic, actor_opt, critic_opt, batch, cfg, generator) -> d
                 idx = mb_idx[u:u + cfg.micro_batch_size]
                 mb_b = {k: v[idx] for k, v in batch.items()}
                 with autocast(cfg.dtype):
-                    out = token_stats(actor, mb_b["input_ids"], mb_b["attention_mask"], mb_b["mask"],
-                                      with_entropy=cfg.entropy_coef != 0)
-                pg_loss, pg_stats = ppo_policy_loss(out.logprobs, mb_b["old_logprobs"], mb_b["advantages"],
+                    logprobs, entropy = token_logprobs(actor, mb_b["input_ids"], mb_b["attention_mask"],
+                                                       mb_b["mask"], return_entropy=True)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, mb_b["old_logprobs"], mb_b["advantages"],
                                                     mb_b["mask"], cfg.clip_low, cfg.clip_high,
                                                     cfg.dual_clip if cfg.dual_clip > 1 else None, cfg.loss_agg)
                 loss = pg_loss
+                mean_entropy = masked_mean(entropy, mb_b["mask"])
+                pg_stats["entropy"] = mean_entropy.detach()
                 if cfg.entropy_coef:
-                    entropy = masked_mean(out.entropy, mb_b["mask"])
-                    loss = loss - cfg.entropy_coef * entropy
-                    pg_stats["entropy"] = entropy.detach()
+                    loss = loss - cfg.entropy_coef * mean_entropy
                 if cfg.kl_coef:
-                    log_r = mb_b["ref_logprobs"] - out.logprobs
+                    log_r = mb_b["ref_logprobs"] - logprobs
                     kl = masked_mean(torch.exp(log_r) - log_r - 1, mb_b["mask"])  # k3 estimator
                     loss = loss + cfg.kl_coef * kl
                     pg_stats["kl_to_ref"] = kl.detach()
@@ -242,7 +244,8 @@ def eval_config(cfg: Config):
                       samples=cfg.val_samples, max_turns=cfg.max_turns, max_actions_per_turn=cfg.max_actions_per_turn,
                       action_budget=cfg.action_budget, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                      max_context_tokens=cfg.max_context_tokens, seed=cfg.seed, out=cfg.out)
+                      max_context_tokens=cfg.max_context_tokens, seed=cfg.seed, out=cfg.out,
+                      level_file=cfg.level_file, env_options=cfg.env_options)
 
 
 def save_checkpoint(out: Path, step: int, actor, tokenizer, critic, actor_opt, critic_opt, cfg) -> None:
@@ -304,7 +307,7 @@ def main(cfg: Config) -> int:
     from spa_rl.checkpoint import find_complete
     from spa_rl.errors import ConfigError
     from spa_rl.models import load_model_and_tokenizer, resolve_dtype
-    from spa_rl.recipes.eval import episode_config, sampling_params
+    from spa_rl.recipes.eval import episode_config, parse_env_options, sampling_params
     from spa_rl.rollout.backend import HFBackend
     from spa_rl.rollout.engine import make_episodes, run_rollouts
     from spa_rl.tokens import ChatTokenizer
@@ -356,7 +359,8 @@ def main(cfg: Config) -> int:
         # 1. Rollout: level seeds advance by `groups` each step; sampling seeded by the step, so a
         #    resumed run draws the same episodes as an uninterrupted one.
         backend = HFBackend(rollout_model, tokenizer, max_batch_size=cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
-        episodes = make_episodes(cfg.env, "train", step * cfg.groups, cfg.groups, cfg.group_size, episode_config(cfg))
+        episodes = make_episodes(cfg.env, "train", step * cfg.groups, cfg.groups, cfg.group_size, episode_config(cfg),
+                                 env_options=parse_env_options(cfg.env_options), level_file=cfg.level_file)
         rollouts = run_rollouts(episodes, backend, chat, sampling_params(cfg), cfg.max_context_tokens)
         timing["time/rollout_s"] = time.perf_counter() - t0
         # 2. Scores: env rewards plus format penalties (the reference's filter input, SPEC 8.9).

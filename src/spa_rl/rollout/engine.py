@@ -44,16 +44,41 @@ class Rollout:
         return sum(len(t.sampled_ids) for t in self.turns)
 
 
+def read_level_file(path: str) -> list[str]:
+    """Levels of a text file, separated by blank lines (each in the game's `grid` format)."""
+    from pathlib import Path
+
+    from spa_rl.errors import LevelFormatError
+
+    p = Path(path)
+    if not p.is_file():
+        raise LevelFormatError(f"level file {path} does not exist")
+    levels = [block.strip("\n") for block in p.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+    if not levels:
+        raise LevelFormatError(f"level file {path} holds no level")
+    return levels
+
+
 def make_episodes(env_name: str, split: str, first_level: int, groups: int, group_size: int,
                   config: EpisodeConfig, prompts: PromptSet | None = None,
-                  env_options: dict | None = None) -> list[tuple[int, Episode]]:
-    """`groups x group_size` episodes; group g plays level `level_seed(split, first_level + g)`."""
+                  env_options: dict | None = None, level_file: str | None = None) -> list[tuple[int, Episode]]:
+    """`groups x group_size` episodes; group g plays level `level_seed(split, first_level + g)`,
+    or, with `level_file`, level number (first_level + g) modulo the file's level count (the
+    seed then only drives FrozenLake's slips)."""
+    from spa_rl.envs import env_class
+
     prompts = prompts or PromptSet.load(env_name)
+    levels = read_level_file(level_file) if level_file else None
     out = []
     for g in range(groups):
         seed = level_seed(split, first_level + g)
         for _ in range(group_size):
-            env = make_env(env_name, render_mode=config.render_mode, **(env_options or {}))
+            if levels:
+                k = (first_level + g) % len(levels)
+                env = env_class(env_name).from_level_text(levels[k], source=f"{level_file} (level {k + 1})",
+                                                          render_mode=config.render_mode, **(env_options or {}))
+            else:
+                env = make_env(env_name, render_mode=config.render_mode, **(env_options or {}))
             out.append((g, Episode(env, seed, config, prompts)))
     return out
 
