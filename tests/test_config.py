@@ -72,3 +72,8 @@ def test_invalid_yaml_names_line(tmp_path):
     path.write_text("steps: 4\n  bad: [\n")
     with pytest.raises(ConfigError, match="line"):
         parse(["--config", str(path)])
+
+
+def test_unknown_mapping_key_fails_by_name():
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(Demo, {"stepz": 3})

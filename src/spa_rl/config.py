@@ -109,6 +109,10 @@ def load_config(cls, args: argparse.Namespace | dict | None = None, yaml_path: s
         if unknown:
             raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    if not isinstance(args, argparse.Namespace):  # a mapping (presets, tests): every key must be a field
+        unknown = sorted(k for k in args_dict if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {', '.join(unknown)} for {cls.__name__}")
     for k, v in args_dict.items():
         if k in names and v is not None:
             values[k] = v

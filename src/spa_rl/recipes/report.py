@@ -37,8 +37,14 @@ def collect(run: Path) -> dict:
     """Training series and evaluation tables found in one run folder."""
     if not run.is_dir():
         raise DataError(f"run folder {run} does not exist")
-    series_files = sorted(run.glob("metrics.jsonl")) + sorted(run.glob("*/metrics.jsonl"))
-    series = read_jsonl(series_files[0]) if series_files else []
+    # the training log: a `spa train` folder, or the train/ stage of a pipeline (SFT logs differ)
+    series = []
+    for path in [run / "metrics.jsonl", run / "train" / "metrics.jsonl"]:
+        if path.is_file():
+            rows = read_jsonl(path)
+            if any("val/pass@1" in r or "rollout/score_mean" in r for r in rows):
+                series = rows
+                break
     evals = {}
     for path in sorted(run.glob("metrics.json")) + sorted(run.glob("*/metrics.json")):
         try:

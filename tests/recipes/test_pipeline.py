@@ -1,0 +1,52 @@
+"""spa pipeline with the tiny model: every stage runs, a finished stage is skipped, an
+interrupted one resumes, bad presets fail before any work, and the report has its plots."""
+
+import subprocess
+import sys
+
+import pytest
+
+TINY = """
+model: tiny
+generate: {policy: solver, episodes: 4, group_size: 1, max_turns: 2, val_fraction: 0.25}
+sft: {epochs: 1, batch: 4, micro_batch: 4, precision: fp32}
+eval-sft-wm: {levels: 1, samples: 2, max_turns: 1, max_new_tokens: 8}
+train: {steps: 2, groups: 2, group_size: 2, keep_ratio: 1.0, max_turns: 1, max_new_tokens: 8,
+        val_levels: 1, val_samples: 2, dtype: fp32, save_every: 1}
+eval: {levels: 1, samples: 2, max_turns: 1, max_new_tokens: 8}
+"""
+
+
+def spa(*args):
+    return subprocess.run([sys.executable, "-m", "spa_rl.cli", *args], capture_output=True, text=True)
+
+
+def test_pipeline_runs_skips_and_resumes(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY)
+    out = tmp_path / "run"
+    res = spa("pipeline", "--env", "sokoban", "--preset", str(preset), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("generate", "sft", "eval-sft-wm", "train", "eval"):
+        assert (out / stage / "STAGE_DONE").is_file()
+    report = (out / "report.md").read_text()
+    assert "pass_at_1.png" in report and (out / "pass_at_1.png").stat().st_size > 1000
+
+    res = spa("pipeline", "--env", "sokoban", "--preset", str(preset), "--out", str(out))
+    assert res.stdout.count("complete, skipped") == 5
+
+    # an interrupted training stage (no STAGE_DONE, a checkpoint at step 1) resumes
+    (out / "train" / "STAGE_DONE").unlink()
+    (out / "eval" / "STAGE_DONE").unlink()
+    res = spa("pipeline", "--env", "sokoban", "--preset", str(preset), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "train: resuming" in res.stdout and "resuming" in res.stdout
+
+
+@pytest.mark.parametrize("text, needle", [("sftt: {epochs: 1}\n", "sftt"), ("sft: {epochz: 1}\n", "epochz")])
+def test_bad_preset_fails_by_name(tmp_path, text, needle):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(text)
+    res = spa("pipeline", "--preset", str(preset), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
