@@ -24,6 +24,30 @@ from spa_rl.errors import ConfigError
 
 GENERATION_PREFIX = "<think>"
 _MARKER = "SPA_RL_ASSISTANT_CONTENT_MARKER"
+# The world-model spans whose contents the SFT masking ablation leaves untrained.
+WORLD_MODEL_TAGS = (("<observation>", "</observation>"), ("<prediction>", "</prediction>"))
+
+
+def content_spans(text: str, tags: Sequence[tuple[str, str]] = WORLD_MODEL_TAGS) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the contents between each opening and closing tag.
+
+    Matching is that of `agent.worldmodel.substitute_world_model`: left to right, an opening
+    tag pairs with the next closing tag; an unclosed opening tag gives no span. Sorted by start.
+    """
+    spans = []
+    for open_tag, close_tag in tags:
+        pos = 0
+        while True:
+            start = text.find(open_tag, pos)
+            if start == -1:
+                break
+            body = start + len(open_tag)
+            end = text.find(close_tag, body)
+            if end == -1:
+                break
+            spans.append((body, end))
+            pos = end + len(close_tag)
+    return sorted(spans)
 
 
 class ChatTokenizer:
@@ -51,6 +75,14 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` plus each token's character span in `text` (fast tokenizers only)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ConfigError(f"tokenizer {getattr(self.tokenizer, 'name_or_path', '?')!r} is not a fast "
+                              "tokenizer; span masks need its offset mapping")
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -86,6 +118,22 @@ class ChatTokenizer:
             response = response[len(self.generation_prefix):]
         return self.encode(response) + [self.eos_token_id]
 
+    def assistant_ids_and_mask(self, response: str, masked_tags: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+        """`assistant_ids(response)` and, per token, whether it is trained: a token is NOT
+        trained when any of its characters lies inside the content of one of `masked_tags`
+        (e.g. `<observation>...</observation>`). Tags themselves and the end-of-turn token stay
+        trained. The ids are exactly those of `assistant_ids`; only the mask differs.
+
+        A token that straddles a tag and its content (BPE may merge `>` with the first content
+        characters) counts as content: no loss is ever taken on a content character.
+        """
+        if response.startswith(self.generation_prefix):
+            response = response[len(self.generation_prefix):]
+        ids, offsets = self.encode_with_offsets(response)
+        spans = content_spans(response, masked_tags)
+        trained = [not any(a < end and start < b for start, end in spans) for a, b in offsets]
+        return ids + [self.eos_token_id], trained + [True]
+
     def continuation_ids(self, user_message: dict | None, ended_with_eos: bool) -> list[int]:
         """Ids that follow an assistant turn: the rest of its turn end, then the next user turn
         and the next generation prompt (or just the turn end when `user_message` is None)."""
@@ -120,14 +168,23 @@ class TokenSequence:
     logprobs: list[float] = field(default_factory=list)
     turn_ids: list[int] = field(default_factory=list)
 
-    def add(self, ids: Sequence[int], trained: bool, logprobs: Sequence[float] | None = None, turn: int = 0):
+    def add(self, ids: Sequence[int], trained: bool | Sequence[bool], logprobs: Sequence[float] | None = None,
+            turn: int = 0):
+        """Append `ids`. `trained` is one flag for all of them, or one flag per id (a turn whose
+        world-model spans are masked); with per-id flags every id gets `turn` as its turn id."""
         if logprobs is not None and len(logprobs) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(logprobs)} log-probs")
+        if isinstance(trained, bool):
+            flags, turns = [1 if trained else 0] * len(ids), [turn if trained else 0] * len(ids)
+        else:
+            if len(trained) != len(ids):
+                raise ValueError(f"{len(ids)} ids but {len(trained)} trained flags")
+            flags, turns = [1 if t else 0 for t in trained], [turn] * len(ids)
         self.input_ids.extend(int(i) for i in ids)
-        self.loss_mask.extend([1 if trained else 0] * len(ids))
+        self.loss_mask.extend(flags)
         self.logprobs.extend(float(x) for x in logprobs) if logprobs is not None else self.logprobs.extend(
             [0.0] * len(ids))
-        self.turn_ids.extend([turn if trained else 0] * len(ids))
+        self.turn_ids.extend(turns)
         return self
 
     def __len__(self) -> int:
@@ -138,12 +195,15 @@ class TokenSequence:
         return sum(self.loss_mask)
 
 
-def conversation_to_sequence(chat: ChatTokenizer, messages: Sequence[dict], train_turns: str = "all") -> TokenSequence:
+def conversation_to_sequence(chat: ChatTokenizer, messages: Sequence[dict], train_turns: str = "all",
+                             masked_tags: Sequence[tuple[str, str]] = ()) -> TokenSequence:
     """Token ids and loss mask of a text conversation [system, user, assistant, user, assistant ...].
 
     Built incrementally, exactly as a rollout builds its context, so SFT trains on the ids PPO
     will later see. `train_turns`: "all" (every assistant turn trained) or "last" (only the
     final assistant turn; earlier turns are context, as in one SFT row per turn).
+    `masked_tags`: in trained turns, the contents of these tag pairs get no loss (the SFT
+    world-model masking ablation: `WORLD_MODEL_TAGS`); the ids do not change.
     """
     if train_turns not in ("all", "last"):
         raise ValueError(f"train_turns must be 'all' or 'last', not {train_turns!r}")
@@ -164,7 +224,11 @@ def conversation_to_sequence(chat: ChatTokenizer, messages: Sequence[dict], trai
             raise ValueError(f"message {i} should be an assistant message, found {msg['role']!r}")
         turn += 1
         trained = train_turns == "all" or i == last_assistant
-        seq.add(chat.assistant_ids(msg["content"]), trained=trained, turn=turn)
+        if trained and masked_tags:
+            ids, flags = chat.assistant_ids_and_mask(msg["content"], masked_tags)
+            seq.add(ids, trained=flags, turn=turn)
+        else:
+            seq.add(chat.assistant_ids(msg["content"]), trained=trained, turn=turn)
         if i == last_assistant:
             break
         nxt = messages[i + 1]
