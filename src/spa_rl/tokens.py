@@ -34,19 +34,11 @@ def content_spans(text: str, tags: Sequence[tuple[str, str]] = WORLD_MODEL_TAGS)
     Matching is that of `agent.worldmodel.substitute_world_model`: left to right, an opening
     tag pairs with the next closing tag; an unclosed opening tag gives no span. Sorted by start.
     """
+    from spa_rl.agent.worldmodel import tag_content_spans
+
     spans = []
     for open_tag, close_tag in tags:
-        pos = 0
-        while True:
-            start = text.find(open_tag, pos)
-            if start == -1:
-                break
-            body = start + len(open_tag)
-            end = text.find(close_tag, body)
-            if end == -1:
-                break
-            spans.append((body, end))
-            pos = end + len(close_tag)
+        spans.extend(tag_content_spans(text, open_tag, close_tag))
     return sorted(spans)
 
 

@@ -114,21 +114,29 @@ def _strip_coordinate_line(state: str) -> str:
     return "\n".join(lines)
 
 
-def _replace_spans(text: str, tags: tuple[str, str], content: str) -> str:
-    open_tag, close_tag = tags
-    parts: list[str] = []
+def tag_content_spans(text: str, open_tag: str, close_tag: str) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the contents of `open_tag ... close_tag`, left to right;
+    an opening tag pairs with the next closing tag, and an unclosed one gives no span."""
+    spans = []
     pos = 0
     while True:
         start = text.find(open_tag, pos)
         if start == -1:
-            break
+            return spans
         body = start + len(open_tag)
         end = text.find(close_tag, body)
         if end == -1:
-            break
+            return spans
+        spans.append((body, end))
+        pos = end + len(close_tag)
+
+
+def _replace_spans(text: str, tags: tuple[str, str], content: str) -> str:
+    parts: list[str] = []
+    pos = 0
+    for body, end in tag_content_spans(text, *tags):
         parts.append(text[pos:body])
         parts.append(content)
-        parts.append(close_tag)
-        pos = end + len(close_tag)
+        pos = end
     parts.append(text[pos:])
     return "".join(parts)
