@@ -50,3 +50,13 @@ def test_bad_preset_fails_by_name(tmp_path, text, needle):
     res = spa("pipeline", "--preset", str(preset), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "paper"])
+def test_shipped_presets_resolve(tmp_path, preset):
+    from spa_rl.recipes.pipeline import STAGES, load_preset, stage_configs
+
+    configs = stage_configs(load_preset(preset), "sokoban", "default", tmp_path, [])
+    assert set(configs) == set(STAGES)
+    assert configs["train"].init.startswith(str(tmp_path / "sft"))
+    assert configs["eval-sft-wm"].mode == "world-model"
