@@ -172,6 +172,7 @@ def test_tiny_model_learns_below_bound(short_data, tmp_path):
     model, tok = load_model_and_tokenizer(str(tmp_path / "run" / "final"), dtype="fp32")
     rows, _ = tokenize_rows(ChatTokenizer(tok), load_rows(cfg.data, "train"), cfg.max_length, False)
     loss = evaluate_loss(model, rows, cfg, tok.pad_token_id, torch.device("cpu"), "fp32")
+    print(f"tiny-model loss after training: {loss:.3f}")
     assert loss < 2.0
     first = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0]
     assert '"loss": 5.' in first  # started near uniform
