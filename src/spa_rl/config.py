@@ -178,12 +178,3 @@ def save_config(cfg, out_dir: str | os.PathLike, name: str = "config.yaml") -> P
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
-
-def describe_fields(cls) -> str:
-    """Markdown table of a config's fields, defaults and help (for docs/configs.md)."""
-    rows = ["| field | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
-        rows.append(f"| `{f.name}` | `{f.default}` | {f.metadata.get('help', '')}{extra} |")
-    return "\n".join(rows)

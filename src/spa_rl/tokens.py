@@ -182,10 +182,6 @@ class TokenSequence:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def num_trained(self) -> int:
-        return sum(self.loss_mask)
-
 
 def conversation_to_sequence(chat: ChatTokenizer, messages: Sequence[dict], train_turns: str = "all",
                              masked_tags: Sequence[tuple[str, str]] = ()) -> TokenSequence:

@@ -368,7 +368,8 @@ def main(cfg: Config) -> int:
         scores = torch.tensor([float(r.episode.score) for r in rollouts])
         # 3. Keep the groups whose episodes disagree most.
         kept, filter_stats = select_groups_by_reward_std(scores, cfg.group_size, cfg.keep_ratio)
-        kept_rollouts = [rollouts[i] for i in episode_indices(kept, cfg.group_size).tolist()]
+        kept_idx = episode_indices(kept, cfg.group_size)
+        kept_rollouts = [rollouts[i] for i in kept_idx.tolist()]
         batch = build_batch(kept_rollouts, chat, cfg, tokenizer.pad_token_id)
         timing["time/scoring_s"] = time.perf_counter() - t1
         # 4. Old log-probs and values under the training forward.
@@ -386,7 +387,7 @@ def main(cfg: Config) -> int:
             batch["returns"] = returns
         else:
             group_ids = torch.tensor([r.group for r in kept_rollouts])
-            per_episode = grpo_advantages(scores[episode_indices(kept, cfg.group_size)], group_ids)
+            per_episode = grpo_advantages(scores[kept_idx], group_ids)
             advantages = per_episode[:, None] * mask
         batch["advantages"] = whiten(advantages, mask) if mask.sum() > 1 else advantages
         # 6. Updates.
