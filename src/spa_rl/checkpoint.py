@@ -3,7 +3,8 @@
 A checkpoint is written into a hidden temporary folder beside its target and renamed into place
 only when complete. Replacing an existing checkpoint goes through a `.old` name, so a crash at
 any instant leaves either the new or the previous checkpoint readable (`find_complete` looks at
-both). Completeness is marked by a `COMPLETE` file written last.
+both). Completeness is marked by a `COMPLETE` file written last. SFT epoch checkpoints and the
+PPO checkpoint both go through `atomic_dir`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MARKER).write_text("ok\n")
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,8 +22,6 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +60,16 @@ def pad_batch(ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_
 
 
 # ---- log-probs -------------------------------------------------------------------------------
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints).
+    transformers 5.x renamed `gradient_checkpointing_enable` (now deprecated, with a warning on
+    every call) to `activation_checkpointing_enable`; early 5.x releases only have the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def backbone_and_head(model):
@@ -230,17 +238,13 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: di
                     config_yaml: str | None = None, adapter_model=None) -> Path:
     """Write a loadable Hugging Face folder atomically: safetensors weights, tokenizer,
     `config.yaml` (the resolved recipe config) and `trainer_state.pt` (optimizer, scheduler,
-    RNG, counters). Everything goes to a temporary sibling folder that is renamed into place,
-    so `path` is either absent or complete. `adapter_model`: a peft model whose adapter is
-    also saved under `adapter/` (for resuming a LoRA run; `model` is then the merged model).
+    RNG, counters), through `checkpoint.atomic_dir`, so `path` is either absent or complete.
+    `adapter_model`: a peft model whose adapter is also saved under `adapter/` (for resuming a
+    LoRA run; `model` is then the merged model).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
+    from spa_rl.checkpoint import atomic_dir
+
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if adapter_model is not None:
@@ -249,17 +253,7 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: di
             (tmp / "config.yaml").write_text(config_yaml)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -113,6 +113,15 @@ TABLE_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "success", "num_actions", 
               "prediction_exact", "prediction_cell_accuracy", "episodes")
 
 
+def _with_error(row: dict) -> str:
+    """Pass@1 with its binomial standard error over the validation episodes, so that a change
+    between two validations can be read against the noise of a small validation set."""
+    p, n = row["val/pass@1"], row.get("val/episodes")
+    if not n:
+        return f"{p:.3f}"
+    return f"{p:.3f} ± {(p * (1 - p) / n) ** 0.5:.3f}"
+
+
 def build_report(run_dirs: list[Path], out: Path) -> Path:
     runs = [collect(Path(r)) for r in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
@@ -146,9 +155,10 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         if len(vals) >= 1:
             first, last = vals[0], vals[-1]
             lines += [f"## Training: {run['name']}", "",
-                      f"Validation Pass@1 {first['val/pass@1']:.3f} at step {first['step']} -> "
-                      f"{last['val/pass@1']:.3f} at step {last['step']} "
-                      f"({last.get('val/episodes', '?')} episodes per validation).", ""]
+                      f"Validation Pass@1 {_with_error(first)} at step {first['step']} -> "
+                      f"{_with_error(last)} at step {last['step']} "
+                      f"({last.get('val/episodes', '?')} episodes per validation; ± one binomial standard error).",
+                      ""]
     for title, fname in plots:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     path = out / "report.md"

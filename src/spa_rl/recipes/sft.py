@@ -161,7 +161,8 @@ def load_for_training(cfg: Config, resume_from: Path | None):
                                                      lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                                                      task_type="CAUSAL_LM"))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from spa_rl.training import enable_activation_checkpointing
+        enable_activation_checkpointing(model)
     return model, tokenizer
 
 

@@ -327,9 +327,10 @@ def main(cfg: Config) -> int:
     critic = Critic(copy.deepcopy(actor.get_decoder()), actor.config.hidden_size) if cfg.algo == "ppo" else None
     ref = load_model_and_tokenizer(cfg.init, dtype="fp32")[0].eval() if cfg.kl_coef else None
     if cfg.gradient_checkpointing:
-        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from spa_rl.training import enable_activation_checkpointing
+        enable_activation_checkpointing(actor)
         if critic is not None:
-            critic.backbone.gradient_checkpointing_enable()
+            enable_activation_checkpointing(critic.backbone)
     actor.config.use_cache = False
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay) if critic else None
