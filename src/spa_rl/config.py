@@ -60,6 +60,9 @@ def _convert(value: Any, tp: type, optional: bool, where: str) -> Any:
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, (dict, list)):  # YAML-valued text (env_options) written as a mapping
+                import yaml
+                return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {tp.__name__}") from None

@@ -108,6 +108,18 @@ def test_generate_scripted_policies_every_env(tmp_path, env_name, policy):
     assert "| all | 12 | 6 |" in card and "path: train.jsonl" in card
 
 
+def test_env_options_reach_the_games(tmp_path):
+    """Non-slippery FrozenLake: the solver plans the whole path in one turn and always wins
+    (on the slippery default it moves one step per turn and sometimes falls in)."""
+    out = tmp_path / "data"
+    assert main(Config(env="frozenlake", policy="solver", episodes=10, group_size=1, max_turns=3,
+                       env_options="{is_slippery: false}", out=str(out))) == 0
+    records = read_jsonl(out / "episodes.jsonl")
+    assert all(r["success"] for r in records)
+    assert sum(len(r["turns"]) for r in records) < 2 * len(records)
+    assert any(len(t["actions_executed"]) > 1 for r in records for t in r["turns"])
+
+
 def test_dataset_opens_with_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     main(Config(env="sokoban", policy="random", episodes=10, group_size=2, out=str(tmp_path)))
@@ -206,3 +218,5 @@ def test_config_errors():
         load_config(Config, {"episodes": 10, "group_size": 4})
     with pytest.raises(ConfigError, match="random_coords"):
         load_config(Config, {"render": "grid", "random_coords": True})
+    with pytest.raises(ConfigError, match="env_options"):
+        load_config(Config, {"env_options": "[1, 2]"})

@@ -60,3 +60,13 @@ def test_shipped_presets_resolve(tmp_path, preset):
     assert set(configs) == set(STAGES)
     assert configs["train"].init.startswith(str(tmp_path / "sft"))
     assert configs["eval-sft-wm"].mode == "world-model"
+
+
+def test_env_options_reach_every_stage_that_plays(tmp_path):
+    from spa_rl.recipes.pipeline import load_preset, stage_configs
+
+    configs = stage_configs(load_preset("cpu-small"), "frozenlake", "default", tmp_path,
+                            ["eval.env_options={is_slippery: true}"], env_options="{is_slippery: false}")
+    for stage in ("generate", "eval-sft-wm", "train"):
+        assert configs[stage].env_options == "{is_slippery: false}"
+    assert configs["eval"].env_options == "{is_slippery: true}"  # --set wins over --env-options

@@ -1,7 +1,7 @@
 """spa demo: the main job on the embedded default model, what `make demo` runs.
 
-The `cpu-small` SPA pipeline on Sokoban (self-play data, world-model SFT, PPO, evaluation and a
-report), sized to finish in under 20 minutes on 2 CPU cores. Same as
+The `cpu-small` SPA pipeline on Sokoban (world-model data from the solver, world-model SFT, PPO,
+evaluation and a report), sized to finish in under 20 minutes on 2 CPU cores. Same as
 `spa pipeline --env sokoban --preset cpu-small --out DIR`.
 """
 
@@ -18,4 +18,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from spa_rl.recipes import pipeline
 
-    return pipeline.run(argparse.Namespace(env=args.env, preset="cpu-small", model=None, out=args.out, set=[]))
+    return pipeline.run(argparse.Namespace(env=args.env, preset="cpu-small", model=None, out=args.out, set=[],
+                                           env_options=None))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from spa_rl.config import atomic_write_text, config_to_dict, option, save_config
 from spa_rl.envs import ENV_NAMES
+from spa_rl.errors import ConfigError
 
 POLICIES = ("self", "random", "solver")
 RENDERS = ("grid", "grid+coords")
@@ -47,6 +48,7 @@ class Config:
     group_size: int = option(8, "episodes per level")
     first_level: int = option(0, "index of the first level in the train seed stream")
     render: str = option("grid+coords", "state text: grid only, or grid plus coordinate line", choices=RENDERS)
+    env_options: str | None = option(None, "game options as YAML, e.g. '{size: 6}' or '{is_slippery: false}'")
     max_turns: int = option(5, "LLM turns per episode")
     max_actions_per_turn: int = option(5, "actions kept from one answer")
     action_budget: int | None = option(None, "actions per episode (default: the game's, 10 / 10 / 50)")
@@ -67,7 +69,13 @@ class Config:
     out: str = option("data/sokoban", "output folder")
 
     def check(self) -> list[str]:
+        from spa_rl.recipes.eval import parse_env_options
+
         errors = []
+        try:
+            parse_env_options(self.env_options)
+        except ConfigError as exc:
+            errors.append(str(exc))
         for name in ("episodes", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens",
                      "batch_size", "random_actions"):
             if getattr(self, name) < 1:
@@ -190,6 +198,7 @@ def main(cfg: Config) -> int:
 
     from spa_rl.data import (CARD, EPISODES_FILE, SPLIT_FILES, dataset_card, split_levels, split_stats,
                              write_jsonl)
+    from spa_rl.recipes.eval import parse_env_options
     from spa_rl.rollout.engine import make_episodes
 
     out = Path(cfg.out)
@@ -203,7 +212,8 @@ def main(cfg: Config) -> int:
 
     # 1. play
     t0 = time.perf_counter()
-    episodes = make_episodes(cfg.env, "train", cfg.first_level, levels, cfg.group_size, episode_config(cfg))
+    episodes = make_episodes(cfg.env, "train", cfg.first_level, levels, cfg.group_size, episode_config(cfg),
+                             env_options=parse_env_options(cfg.env_options))
     play(cfg, episodes)
     seconds = time.perf_counter() - t0
 

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-small",
                    help="cpu-small (embedded model, this laptop), paper (SPEC's numbers, GPU), or a YAML file")
     p.add_argument("--model", default=None, help="model to start from (default: the preset's)")
+    p.add_argument("--env-options", default=None,
+                   help="game options as YAML for every stage that plays, e.g. '{is_slippery: false}'")
     p.add_argument("--out", default="runs/pipeline", help="output folder (default: runs/pipeline)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one field of one stage, e.g. --set train.steps=20 (repeatable)")
@@ -65,9 +67,13 @@ def load_preset(name: str) -> dict:
     return data
 
 
-def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list[str]) -> dict:
+def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list[str],
+                  env_options: str | None = None) -> dict:
     """The resolved config of every stage, with the links between stages filled in."""
     sections = {s: dict(preset.get(s) or {}) for s in STAGES}
+    if env_options is not None:  # the same game for every stage that plays (SFT only reads data)
+        for stage in ("generate", "eval-sft-wm", "train", "eval"):
+            sections[stage]["env_options"] = env_options
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, field = key.partition(".")
@@ -114,10 +120,11 @@ def run(args) -> int:
     out = Path(args.out)
     preset = load_preset(args.preset)
     model = args.model or preset.get("model", "default")
-    configs = stage_configs(preset, args.env, model, out, args.set)  # all errors before any work
+    configs = stage_configs(preset, args.env, model, out, args.set, args.env_options)  # all errors before any work
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
-        {"env": args.env, "preset": args.preset, "model": model, "overrides": args.set}, sort_keys=False))
+        {"env": args.env, "preset": args.preset, "model": model, "env_options": args.env_options,
+         "overrides": args.set}, sort_keys=False))
     for stage in STAGES:
         folder = out / stage
         if (folder / DONE).exists():
