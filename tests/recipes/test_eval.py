@@ -27,6 +27,8 @@ def check_outputs(out, levels, samples):
     assert metrics[f"pass@{samples}"] == pytest.approx(sum(any(v) for v in by_level.values()) / levels)
     assert metrics["num_actions"] == pytest.approx(sum(r["num_actions"] for r in rows) / len(rows))
     assert metrics["response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / len(rows))
+    cut = [sum(f == "length" for f in r["finish_reasons"]) / max(1, len(r["finish_reasons"])) for r in rows]
+    assert metrics["truncated_turn_rate"] == pytest.approx(sum(cut) / len(rows))
     for r in rows:
         assert [m["role"] for m in r["messages"]][:2] == ["system", "user"]
         assert len(r["states"]) == len(r["turns"]) + 1  # true states s_0..s_T

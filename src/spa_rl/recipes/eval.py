@@ -104,6 +104,9 @@ def summarize(rollouts, samples: int) -> dict:
         m["response_tokens"] = r.response_tokens
         m["response_tokens_per_turn"] = r.response_tokens / max(1, len(r.turns))
         m["context_overflow"] = float(r.context_overflow)
+        # turns cut by the token cap: a high share means max_new_tokens is below the response
+        # length the model was trained to write, and those turns lose their answer
+        m["truncated_turn_rate"] = sum(t.finish_reason == "length" for t in r.turns) / max(1, len(r.turns))
         per_episode.append(m)
     metrics = aggregate_metrics(per_episode)
     counts: dict[int, list[int]] = {}

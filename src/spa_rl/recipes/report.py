@@ -109,7 +109,7 @@ def _plot_world_model(runs, path: Path) -> bool:
 
 
 TABLE_KEYS = ("pass@1", "pass@2", "pass@4", "pass@8", "success", "num_actions", "format_ok_rate",
-              "valid_action_rate", "effective_action_rate", "response_tokens", "observation_exact",
+              "valid_action_rate", "effective_action_rate", "response_tokens", "truncated_turn_rate", "observation_exact",
               "prediction_exact", "prediction_cell_accuracy", "episodes")
 
 

@@ -409,6 +409,8 @@ def main(cfg: Config) -> int:
             "rollout/success": sum(bool(r.episode.success) for r in rollouts) / len(rollouts),
             "rollout/num_actions": sum(r.episode.num_actions for r in rollouts) / len(rollouts),
             "rollout/response_tokens": n_tokens / len(rollouts),
+            "rollout/truncated_turn_rate": (sum(t.finish_reason == "length" for r in rollouts for t in r.turns)
+                                            / max(1, sum(len(r.turns) for r in rollouts))),
             "rollout/generated_tokens_per_s": n_tokens / timing["time/rollout_s"],
             "rollout/logprob_gap": gap.item(),
             **{f"rollout/{k}": v for k, v in filter_stats.items()},
