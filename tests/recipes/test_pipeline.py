@@ -31,6 +31,12 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
         assert (out / stage / "STAGE_DONE").is_file()
     report = (out / "report.md").read_text()
     assert "pass_at_1.png" in report and (out / "pass_at_1.png").stat().st_size > 1000
+    # the validation table carries the logged numbers: step 0 and the last step
+    import json
+    vals = [r for r in map(json.loads, (out / "train" / "metrics.jsonl").read_text().splitlines()) if "val/pass@1" in r]
+    assert [r["step"] for r in vals] == [0, 2]
+    for r in vals:
+        assert f"| {r['step']} | {r['val/pass@1']:.3f} |" in report
 
     res = spa("pipeline", "--env", "sokoban", "--preset", str(preset), "--out", str(out))
     assert res.stdout.count("complete, skipped") == 5

@@ -159,6 +159,13 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                       f"{_with_error(last)} at step {last['step']} "
                       f"({last.get('val/episodes', '?')} episodes per validation; ± one binomial standard error).",
                       ""]
+            keys = ["val/pass@1"] + [k for k in passk if k != "val/pass@1"] + [
+                f"val/{k}" for k in ("format_ok_rate", "valid_action_rate", "truncated_turn_rate", "response_tokens")]
+            keys = [k for k in keys if any(k in r for r in vals)]
+            lines += ["| step | " + " | ".join(k[4:] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+            lines += [f"| {r['step']} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                                       for k in keys) + " |" for r in vals]
+            lines.append("")
     for title, fname in plots:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     path = out / "report.md"
