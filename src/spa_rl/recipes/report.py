@@ -119,7 +119,8 @@ def _with_error(row: dict) -> str:
     p, n = row["val/pass@1"], row.get("val/episodes")
     if not n:
         return f"{p:.3f}"
-    return f"{p:.3f} ± {(p * (1 - p) / n) ** 0.5:.3f}"
+    # the count too: at 0/n or n/n the binomial error is 0 and says nothing about the noise
+    return f"{p:.3f} ({round(p * n)}/{n}) ± {(p * (1 - p) / n) ** 0.5:.3f}"
 
 
 def build_report(run_dirs: list[Path], out: Path) -> Path:
