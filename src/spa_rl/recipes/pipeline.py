@@ -102,10 +102,10 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
 
 
 def release_memory() -> None:
-    """Hand the memory of a finished stage back to the system before the next one starts.
-    Stages run in this one process; glibc keeps freed small blocks (most weight and optimizer
-    tensors of a 135M model are a few MB) in its heap, so without a trim the PPO stage would
-    start on top of the SFT stage's leftovers."""
+    """Hand the freed memory of a finished stage back to the system before the next one starts.
+    Stages run in this one process, and glibc keeps freed small blocks (most weight and optimizer
+    tensors of a 135M model are a few MB) in its heap. This lowers what a stage leaves behind; it
+    did not lower the demo's measured peak (docs/ppo.md)."""
     import ctypes
     import gc
 
