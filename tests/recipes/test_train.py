@@ -121,3 +121,12 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert json.dumps(_comparable(rows_a)) == json.dumps(_comparable(rows_b))
+
+
+def test_bad_env_options_fail_at_config_time():
+    from spa_rl.config import load_config
+    from spa_rl.errors import ConfigError
+    from spa_rl.recipes.train import Config
+
+    with pytest.raises(ConfigError, match="env_options"):
+        load_config(Config, {"env": "frozenlake", "env_options": "[1, 2]"})

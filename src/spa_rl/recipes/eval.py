@@ -59,11 +59,17 @@ class Config:
             errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
-        try:
-            parse_env_options(self.env_options)
-        except ConfigError as exc:
-            errors.append(str(exc))
+        errors.extend(env_options_errors(self.env_options))
         return errors
+
+
+def env_options_errors(text: str | None) -> list[str]:
+    """The config-check form of `parse_env_options`, shared by every recipe that plays."""
+    try:
+        parse_env_options(text)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def parse_env_options(text: str | None) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from spa_rl.config import atomic_write_text, config_to_dict, option, save_config
 from spa_rl.envs import ENV_NAMES
-from spa_rl.errors import ConfigError
+from spa_rl.recipes.eval import env_options_errors, parse_env_options
 
 POLICIES = ("self", "random", "solver")
 RENDERS = ("grid", "grid+coords")
@@ -69,13 +69,7 @@ class Config:
     out: str = option("data/sokoban", "output folder")
 
     def check(self) -> list[str]:
-        from spa_rl.recipes.eval import parse_env_options
-
-        errors = []
-        try:
-            parse_env_options(self.env_options)
-        except ConfigError as exc:
-            errors.append(str(exc))
+        errors = env_options_errors(self.env_options)
         for name in ("episodes", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens",
                      "batch_size", "random_actions"):
             if getattr(self, name) < 1:
@@ -198,7 +192,6 @@ def main(cfg: Config) -> int:
 
     from spa_rl.data import (CARD, EPISODES_FILE, SPLIT_FILES, dataset_card, split_levels, split_stats,
                              write_jsonl)
-    from spa_rl.recipes.eval import parse_env_options
     from spa_rl.rollout.engine import make_episodes
 
     out = Path(cfg.out)

@@ -35,7 +35,7 @@ import torch
 
 from spa_rl.config import option, save_config
 from spa_rl.envs import ENV_NAMES
-from spa_rl.recipes.eval import MODES, RENDERS
+from spa_rl.recipes.eval import MODES, RENDERS, env_options_errors
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Config:
     resume: bool = option(False, "continue from the checkpoint in --out")
 
     def check(self) -> list[str]:
-        errors = []
+        errors = env_options_errors(self.env_options)
         for name in ("steps", "groups", "group_size", "max_turns", "max_new_tokens", "micro_batch_size", "ppo_epochs"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
