@@ -36,9 +36,9 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="spa-ppo-bench-"))
     cfg = load_config(train.Config, dict(
-        env=args.env, init=args.model, steps=args.steps, groups=args.groups, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, val_levels=1, val_samples=2,
-        eval_every=0, save_every=10**9, out=str(out)))
+        env=args.env, model=args.model, steps=args.steps, groups=args.groups, group_size=args.group_size,
+        sampling={"max_new_tokens": args.max_new_tokens}, episode={"max_turns": args.max_turns},
+        eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out)))
     train.main(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step_s" in r]

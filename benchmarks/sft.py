@@ -41,14 +41,16 @@ def child_spa(rows, args, gradient_checkpointing: bool) -> dict:
     from spa_rl.tokens import ChatTokenizer
     from spa_rl.training import adamw, cosine_schedule
 
-    cfg = sft.Config(data="unused", model=args.model, batch=args.batch, micro_batch=args.batch,
-                     micro_batch_tokens=1 << 30, max_length=args.max_length, precision=args.precision,
-                     gradient_checkpointing=gradient_checkpointing)
+    from spa_rl.config import load_config
+
+    cfg = load_config(sft.Config, dict(data="unused", model={"name": args.model, "dtype": args.precision},
+                                       batch=args.batch, micro_batch=args.batch, micro_batch_tokens=1 << 30,
+                                       max_length=args.max_length, gradient_checkpointing=gradient_checkpointing))
     model, tokenizer = sft.load_for_training(cfg, None)
     model.train()
     examples, skipped = sft.tokenize_rows(ChatTokenizer(tokenizer), rows, args.max_length, False)
     assert not skipped
-    optimizer = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    optimizer = adamw(model, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, args.steps, 0)
     timed_tokens, timed_seconds, losses = 0, 0.0, []
     device = torch.device("cpu")
@@ -126,11 +128,13 @@ def prepare_rows(args, tmp: str) -> list[dict]:
 
     data = args.data
     if data is None:
+        from spa_rl.config import load_config
         from spa_rl.recipes.generate import Config, main
 
         data = str(Path(tmp) / "data")
         print(f"generating a dataset in {data} (sokoban, random policy: same row shapes as self-play)")
-        main(Config(env="sokoban", policy="random", episodes=32, group_size=2, out=data, val_fraction=0.0))
+        main(load_config(Config, dict(env="sokoban", policy="random", episodes=32, group_size=2, out=data,
+                                      val_fraction=0.0)))
     rows = load_rows(data, "train")
     need = args.batch * args.steps
     if len(rows) < need:

@@ -1,5 +1,5 @@
 """spa_rl.training: chunked log-probs equal the full-logits computation (values and gradients),
-the schedule's shape, and atomic checkpoints that reload with transformers."""
+and the schedule's shape (checkpoints: tests/test_artifacts.py)."""
 
 import math
 
@@ -9,18 +9,12 @@ import torch.nn.functional as F
 
 from spa_rl.models.tiny import build_byte_tokenizer, build_tiny_model
 from spa_rl.training import (
-    TRAINER_STATE,
     adamw,
     cosine_multiplier,
     cosine_schedule,
-    latest_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
     masked_nll_sum,
     pad_batch,
-    prune_trainer_states,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     token_logprobs,
 )
@@ -145,30 +139,3 @@ def test_rng_state_roundtrip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
-
-
-def test_checkpoint_atomic_and_loadable(tmp_path, tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model, tok = tiny
-    run = tmp_path / "run"
-    assert latest_checkpoint(run) is None
-    opt = adamw(model, lr=1e-3)
-    for epoch in (1, 2, 10):
-        save_checkpoint(run / f"checkpoint-epoch-{epoch}", model, tok,
-                        trainer_state={"epoch": epoch, "optimizer": opt.state_dict(), "rng": rng_state()},
-                        config_yaml="lr: 0.001\n")
-    (run / ".checkpoint-epoch-11.partial-xyz").mkdir()  # an interrupted save: ignored
-    assert [e for e, _ in list_checkpoints(run)] == [1, 2, 10]  # numeric, not lexical, order
-    last = latest_checkpoint(run)
-    assert last.name == "checkpoint-epoch-10"
-    prune_trainer_states(run, keep=last)
-    assert not (run / "checkpoint-epoch-2" / TRAINER_STATE).exists()
-    assert latest_checkpoint(run, resumable=True) == last
-    assert load_trainer_state(last)["epoch"] == 10
-    assert latest_checkpoint(last) == last  # a checkpoint folder itself
-    reloaded = AutoModelForCausalLM.from_pretrained(last)
-    AutoTokenizer.from_pretrained(last)
-    assert any(p.name.endswith(".safetensors") for p in last.iterdir())
-    for (n, p), (_, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
-        assert torch.equal(p, q), n

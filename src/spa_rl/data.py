@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from spa_rl.config import atomic_write_text
+from spa_rl.artifacts import read_jsonl, write_jsonl  # noqa: F401  (the dataset files are JSONL)
 from spa_rl.errors import DataError
 
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
@@ -109,28 +109,6 @@ def split_levels(levels: Iterable[int], val_fraction: float, seed: int = 0) -> s
 
 
 # ---- files -----------------------------------------------------------------------------------
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    out = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    return out
 
 
 def load_rows(data_dir: str | Path, split: str) -> list[dict]:

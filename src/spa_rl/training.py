@@ -1,5 +1,5 @@
 """Training helpers shared by the SFT and PPO recipes: batching, chunked log-probs, the learning
-rate schedule, and atomic, resumable checkpoints.
+rate schedule, random state (checkpoints: `spa_rl.artifacts`).
 
 Log-probs without vocabulary-sized logits for every position. A causal LM's `forward` computes
 logits (B, T, V) for every position; with SmolLM2's 49,152-token vocabulary that tensor, its
@@ -19,21 +19,15 @@ Position 0 has no context and is never a target.
 from __future__ import annotations
 
 import math
-import os
 import random
-import re
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from spa_rl.errors import CheckpointError
 
-CHECKPOINT_PREFIX = "checkpoint-epoch-"
-TRAINER_STATE = "trainer_state.pt"
 
 
 # ---- batching --------------------------------------------------------------------------------
@@ -181,6 +175,19 @@ def adamw(model, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.01, eps: 
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
 
 
+def optimizer_and_schedule(model, optim, total_steps: int):
+    """AdamW and its learning-rate schedule from an `OptimSection`: linear warmup over
+    `warmup_ratio` of `total_steps`, then cosine decay to 0 or a constant rate."""
+    optimizer = adamw(model, optim.lr, (optim.beta1, optim.beta2), optim.weight_decay)
+    warmup = round(optim.warmup_ratio * total_steps)
+    if optim.schedule == "constant":
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else 1.0)
+    else:
+        schedule = cosine_schedule(optimizer, total_steps, warmup)
+    return optimizer, schedule
+
+
 # ---- random state ----------------------------------------------------------------------------
 
 
@@ -199,75 +206,3 @@ def set_rng_state(state: dict) -> None:
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, epoch: int) -> Path:
-    return Path(run_dir) / f"{CHECKPOINT_PREFIX}{epoch}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as (epoch, folder). Temporary folders of an
-    interrupted save never match (they are renamed into place only once complete)."""
-    run_dir = Path(run_dir)
-    found = []
-    if run_dir.is_dir():
-        for p in run_dir.iterdir():
-            m = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", p.name)
-            if m and p.is_dir() and (p / "config.json").is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike, resumable: bool = False) -> Path | None:
-    """The folder of the last complete checkpoint of `run_dir` (None if there is none); with
-    `resumable`, the last one that also holds the trainer state. A checkpoint folder given
-    directly is returned as it is. This is what `spa eval --model` and `spa train --init` take."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
-        return run_dir
-    for _, path in reversed(list_checkpoints(run_dir)):
-        if not resumable or (path / TRAINER_STATE).is_file():
-            return path
-    return None
-
-
-def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None,
-                    config_yaml: str | None = None, adapter_model=None) -> Path:
-    """Write a loadable Hugging Face folder atomically: safetensors weights, tokenizer,
-    `config.yaml` (the resolved recipe config) and `trainer_state.pt` (optimizer, scheduler,
-    RNG, counters), through `checkpoint.atomic_dir`, so `path` is either absent or complete.
-    `adapter_model`: a peft model whose adapter is also saved under `adapter/` (for resuming a
-    LoRA run; `model` is then the merged model).
-    """
-    from spa_rl.checkpoint import atomic_dir
-
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if adapter_model is not None:
-            adapter_model.save_pretrained(tmp / "adapter")
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-    return Path(path)
-
-
-def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
-    file = Path(path) / TRAINER_STATE
-    if not file.is_file():
-        raise CheckpointError(f"{path} has no {TRAINER_STATE}: it cannot be resumed (only the newest "
-                              "checkpoint of a run keeps its optimizer state)")
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def prune_trainer_states(run_dir: str | os.PathLike, keep: Path) -> None:
-    """Delete the optimizer/trainer state of every checkpoint but `keep`: older epochs stay
-    loadable models (for evaluation or PPO from any epoch) without 2x-model-size optimizer
-    files each."""
-    for _, path in list_checkpoints(run_dir):
-        if path != keep and (path / TRAINER_STATE).is_file():
-            (path / TRAINER_STATE).unlink()

@@ -33,7 +33,7 @@ def check_outputs(out, levels, samples):
         assert [m["role"] for m in r["messages"]][:2] == ["system", "user"]
         assert len(r["states"]) == len(r["turns"]) + 1  # true states s_0..s_T
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["levels"] == levels and config["samples"] == samples
+    assert config["eval"]["levels"] == levels and config["eval"]["samples"] == samples
     return metrics, rows
 
 
@@ -41,8 +41,8 @@ def check_outputs(out, levels, samples):
 def test_spa_eval_with_the_default_model(tmp_path, default_model_dir):
     out = tmp_path / "eval"
     res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--env", "sokoban", "--model", "default",
-                          "--mode", "world-model", "--levels", "2", "--samples", "2", "--max-turns", "2",
-                          "--max-new-tokens", "48", "--out", str(out)], capture_output=True, text=True)
+                          "--episode.mode", "world-model", "--eval.levels", "2", "--eval.samples", "2",
+                          "--episode.max-turns", "2", "--sampling.max-new-tokens", "48", "--out", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     metrics, rows = check_outputs(out, 2, 2)
     assert "pass@2" in metrics and metrics["generated_tokens_per_second"] > 0
@@ -50,18 +50,32 @@ def test_spa_eval_with_the_default_model(tmp_path, default_model_dir):
 
 
 def test_eval_tiny_model_in_process(tmp_path):
-    cfg = load_config(eval_recipe.Config, {"env": "frozenlake", "model": "tiny", "levels": 3, "samples": 4,
-                                           "max_turns": 2, "max_new_tokens": 12, "out": str(tmp_path)})
+    cfg = load_config(eval_recipe.Config, {"env": "frozenlake", "model": "tiny", "eval": {"levels": 3, "samples": 4},
+                                           "episode": {"max_turns": 2}, "sampling": {"max_new_tokens": 12},
+                                           "out": str(tmp_path)})
     assert eval_recipe.main(cfg) == 0
     metrics, _ = check_outputs(tmp_path, 3, 4)
     assert {"pass@1", "pass@2", "pass@4"} <= set(metrics)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--levels", "0", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--eval.levels", "0", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.startswith("spa: error:") and "levels" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.startswith("spa: error:") and "eval.levels" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--model", str(tmp_path / "nope"),
-                          "--levels", "1", "--samples", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+                          "--eval.levels", "1", "--eval.samples", "1", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "nope" in res.stderr
+
+
+def test_help_lists_every_field_with_its_default():
+    from spa_rl.config import field_names
+
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    flat = " ".join(res.stdout.split())
+    for name in field_names(eval_recipe.Config):
+        assert "--" + name.replace("_", "-") in flat, name
+    assert "--sampling.temperature TEMPERATURE sampling temperature (0 = greedy) (default: 1.0)" in flat
+    assert "--env ENV" in flat or "--env NAME" in flat  # the section's short form

@@ -9,9 +9,15 @@ import pytest
 from spa_rl.data import load_rows, read_jsonl
 from spa_rl.envs import ENV_NAMES
 from spa_rl.errors import ConfigError
-from spa_rl.recipes.generate import Config, episode_config, episode_rows, main
+from spa_rl.config import load_config
+from spa_rl.recipes.generate import Config as GenerateConfig, episode_rows, main
 from spa_rl.rollout.engine import make_episodes
 from spa_rl.tokens import WORLD_MODEL_TAGS, content_spans
+
+
+def Config(**values):
+    """A resolved, validated `spa generate` config (nested sections as mappings)."""
+    return load_config(GenerateConfig, values)
 
 OBS, PRED = WORLD_MODEL_TAGS
 
@@ -71,7 +77,7 @@ def _scripted_turns(env):
 @pytest.mark.parametrize("env_name", ENV_NAMES)
 def test_substitution_exact_on_scripted_episodes(env_name):
     cfg = Config(env=env_name, policy="self", episodes=1, group_size=1)
-    [(group, ep)] = make_episodes(env_name, "train", 0, 1, 1, episode_config(cfg))
+    [(group, ep)] = make_episodes(env_name, "train", 0, 1, 1, cfg.episode.to_episode_config())
     for text in _scripted_turns(ep.env):
         if ep.done:
             break
@@ -112,8 +118,8 @@ def test_env_options_reach_the_games(tmp_path):
     """Non-slippery FrozenLake: the solver plans the whole path in one turn and always wins
     (on the slippery default it moves one step per turn and sometimes falls in)."""
     out = tmp_path / "data"
-    assert main(Config(env="frozenlake", policy="solver", episodes=10, group_size=1, max_turns=3,
-                       env_options="{is_slippery: false}", out=str(out))) == 0
+    assert main(Config(env={"name": "frozenlake", "options": "{is_slippery: false}"}, policy="solver", episodes=10,
+                       group_size=1, episode={"max_turns": 3}, out=str(out))) == 0
     records = read_jsonl(out / "episodes.jsonl")
     assert all(r["success"] for r in records)
     assert sum(len(r["turns"]) for r in records) < 2 * len(records)
@@ -210,13 +216,19 @@ def test_filter_format_drops_broken_turns(tmp_path, fake_self_play):
 
 
 def test_config_errors():
-    from spa_rl.config import load_config
-
     with pytest.raises(ConfigError, match="self_belief"):
-        load_config(Config, {"policy": "random", "self_belief": True})
-    with pytest.raises(ConfigError, match="multiple of group_size"):
-        load_config(Config, {"episodes": 10, "group_size": 4})
+        Config(policy="random", self_belief=True)
     with pytest.raises(ConfigError, match="random_coords"):
-        load_config(Config, {"render": "grid", "random_coords": True})
-    with pytest.raises(ConfigError, match="env_options"):
-        load_config(Config, {"env_options": "[1, 2]"})
+        Config(episode={"render": "grid"}, random_coords=True)
+    with pytest.raises(ConfigError, match="env.options"):
+        Config(env={"options": "[1, 2]"})
+    with pytest.raises(ConfigError, match="episode.mode must be world-model"):
+        Config(episode={"mode": "base"})
+
+
+def test_any_episode_count_works(tmp_path):
+    """Groups belong to RL: 5 episodes in groups of 2 play levels 0, 0, 1, 1, 2."""
+    out = tmp_path / "data"
+    assert main(Config(env="sokoban", policy="solver", episodes=5, group_size=2, out=str(out))) == 0
+    records = read_jsonl(out / "episodes.jsonl")
+    assert [r["level"] for r in records] == [0, 0, 1, 1, 2]

@@ -14,6 +14,7 @@ import random
 import pytest
 
 from spa_rl.agent import Episode, EpisodeConfig, PromptSet
+from spa_rl.artifacts import final_model
 from spa_rl.config import load_config
 from spa_rl.envs import env_class
 from spa_rl.recipes import sft, train
@@ -42,15 +43,17 @@ def test_grpo_raises_success_on_easy_levels(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write_format_data(tmp_path / "data")
     (tmp_path / "levels.txt").write_text("\n\n".join(LEVELS) + "\n")
-    sft_cfg = load_config(sft.Config, dict(data=str(tmp_path / "data"), model="tiny", epochs=16, lr=3e-3, batch=8,
-                                           micro_batch=8, precision="fp32", out=str(tmp_path / "sft")))
+    sft_cfg = load_config(sft.Config, dict(data=str(tmp_path / "data"), model={"name": "tiny", "dtype": "fp32"},
+                                           epochs=16, optim={"lr": 3e-3}, batch=8, micro_batch=8,
+                                           out=str(tmp_path / "sft")))
     assert sft.main(sft_cfg) == 0
     train_cfg = load_config(train.Config, dict(
-        env="frozenlake", init=str(sft.latest_checkpoint_path(tmp_path / "sft", {"epochs": 16})),
-        level_file=str(tmp_path / "levels.txt"), env_options="{is_slippery: false}", steps=16, algo="grpo",
-        groups=2, group_size=8, keep_ratio=1.0, max_turns=1, max_actions_per_turn=2, max_new_tokens=64,
-        val_levels=2, val_samples=16, eval_every=0, actor_lr=3e-4, ppo_epochs=2, mini_batch_size=8,
-        micro_batch_size=8, entropy_coef=0.0, dtype="fp32", out=str(tmp_path / "ppo")))
+        model={"name": str(final_model(tmp_path / "sft")), "dtype": "fp32"},
+        env={"name": "frozenlake", "level_file": str(tmp_path / "levels.txt"), "options": "{is_slippery: false}"},
+        steps=16, algo="grpo", groups=2, group_size=8, keep_ratio=1.0,
+        episode={"max_turns": 1, "max_actions_per_turn": 2}, sampling={"max_new_tokens": 64},
+        eval={"levels": 2, "samples": 16}, eval_every=0, optim={"lr": 3e-4}, ppo_epochs=2, mini_batch=8,
+        micro_batch=8, entropy_coef=0.0, out=str(tmp_path / "ppo")))
     assert train.main(train_cfg) == 0
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val/pass@1"] for r in rows if "val/pass@1" in r]

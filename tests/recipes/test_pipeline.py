@@ -8,12 +8,14 @@ import pytest
 
 TINY = """
 model: tiny
-generate: {policy: solver, episodes: 4, group_size: 1, max_turns: 2, val_fraction: 0.25}
-sft: {epochs: 1, batch: 4, micro_batch: 4, precision: fp32}
-eval-sft-wm: {levels: 1, samples: 2, max_turns: 1, max_new_tokens: 8}
-train: {steps: 2, groups: 2, group_size: 2, keep_ratio: 1.0, max_turns: 1, max_new_tokens: 8,
-        val_levels: 1, val_samples: 2, dtype: fp32, save_every: 1}
-eval: {levels: 1, samples: 2, max_turns: 1, max_new_tokens: 8}
+episode: {max_turns: 1}
+sampling: {max_new_tokens: 8}
+generate: {policy: solver, episodes: 4, group_size: 1, episode: {max_turns: 2}, val_fraction: 0.25}
+sft: {epochs: 1, batch: 4, micro_batch: 4, model: {dtype: fp32}}
+eval-sft-wm: {eval: {levels: 1, samples: 2}}
+train: {steps: 2, groups: 2, group_size: 2, keep_ratio: 1.0, model: {dtype: fp32}, save_every: 1,
+        eval: {levels: 1, samples: 2}}
+eval: {eval: {levels: 1, samples: 2}}
 """
 
 
@@ -49,7 +51,8 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     assert "train: resuming" in res.stdout and "resuming" in res.stdout
 
 
-@pytest.mark.parametrize("text, needle", [("sftt: {epochs: 1}\n", "sftt"), ("sft: {epochz: 1}\n", "epochz")])
+@pytest.mark.parametrize("text, needle", [("sftt: {epochs: 1}\n", "sftt"), ("sft: {epochz: 1}\n", "epochz"),
+                                          ("train: {sampling: {temprature: 1}}\n", "did you mean sampling.temperature")])
 def test_bad_preset_fails_by_name(tmp_path, text, needle):
     preset = tmp_path / "p.yaml"
     preset.write_text(text)
@@ -64,15 +67,30 @@ def test_shipped_presets_resolve(tmp_path, preset):
 
     configs = stage_configs(load_preset(preset), "sokoban", "default", tmp_path, [])
     assert set(configs) == set(STAGES)
-    assert configs["train"].init.startswith(str(tmp_path / "sft"))
-    assert configs["eval-sft-wm"].mode == "world-model"
+    assert configs["train"].model.name == str(tmp_path / "sft" / "final")
+    assert configs["eval"].model.name == str(tmp_path / "train" / "final")
+    assert configs["eval-sft-wm"].episode.mode == "world-model"
+    # the final evaluation plays what training played
+    assert configs["eval"].episode == configs["train"].episode
+
+
+def test_shared_sections_are_set_once(tmp_path):
+    from spa_rl.recipes.pipeline import stage_configs
+
+    preset = {"sampling": {"max_new_tokens": 99}, "episode": {"max_turns": 2}, "train": {"episode": {"max_turns": 3}}}
+    configs = stage_configs(preset, "sokoban", "tiny", tmp_path, ["eval.sampling.temperature=0.5"])
+    assert {s: c.sampling.max_new_tokens for s, c in configs.items() if hasattr(c, "sampling")} == \
+        {"generate": 99, "eval-sft-wm": 99, "train": 99, "eval": 99}
+    assert (configs["generate"].episode.max_turns, configs["train"].episode.max_turns) == (2, 3)
+    assert configs["eval"].episode.max_turns == 3  # follows training
+    assert configs["eval"].sampling.temperature == 0.5 and configs["train"].sampling.temperature == 1.0
 
 
 def test_env_options_reach_every_stage_that_plays(tmp_path):
     from spa_rl.recipes.pipeline import load_preset, stage_configs
 
     configs = stage_configs(load_preset("cpu-small"), "frozenlake", "default", tmp_path,
-                            ["eval.env_options={is_slippery: true}"], env_options="{is_slippery: false}")
+                            ["eval.env.options={is_slippery: true}"], env_options="{is_slippery: false}")
     for stage in ("generate", "eval-sft-wm", "train"):
-        assert configs[stage].env_options == "{is_slippery: false}"
-    assert configs["eval"].env_options == "{is_slippery: true}"  # --set wins over --env-options
+        assert configs[stage].env.options == "{is_slippery: false}"
+    assert configs["eval"].env.options == "{is_slippery: true}"  # --set wins over --env-options

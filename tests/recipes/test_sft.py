@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from spa_rl.models.tiny import _byte_to_char
-from spa_rl.recipes.generate import Config as GenConfig
+from spa_rl.config import load_config
+from spa_rl.recipes.generate import Config as GenerateConfig
 from spa_rl.recipes.generate import main as generate
-from spa_rl.recipes.sft import Config, evaluate_loss, main, tokenize_rows
+from spa_rl.recipes.sft import Config as SFTConfig, evaluate_loss, main, tokenize_rows
 from spa_rl.data import load_rows
 from spa_rl.errors import CheckpointError, ConfigError
 from spa_rl.tokens import WORLD_MODEL_TAGS, ChatTokenizer, content_spans, conversation_to_sequence
@@ -150,9 +151,17 @@ def test_tokenize_rows_skips_overlong_rows(byte_chat, dataset):
     assert len(kept) + skipped == len(rows) and all(len(ids) <= limit for ids, _ in kept)
 
 
+def GenConfig(**values):
+    return load_config(GenerateConfig, values)
+
+
+def Config(**values):
+    return load_config(SFTConfig, values)
+
+
 def _cfg(data, out, **kw):
-    base = dict(data=str(data), model="tiny", epochs=1, batch=4, micro_batch=2, lr=3e-3,
-                precision="fp32", out=str(out))
+    base = dict(data=str(data), model={"name": "tiny", "dtype": "fp32"}, epochs=1, batch=4, micro_batch=2,
+                optim={"lr": 3e-3}, out=str(out))
     return Config(**{**base, **kw})
 
 
@@ -233,7 +242,7 @@ def test_lora_checkpoint_is_a_full_model(short_data, tmp_path):
     from spa_rl.models import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer("tiny", dtype="fp32")
-    main(_cfg(short_data, tmp_path / "lora", lora=True, lora_rank=4, epochs=2, lr=1e-2))
+    main(_cfg(short_data, tmp_path / "lora", lora=True, lora_rank=4, epochs=2, optim={"lr": 1e-2}))
     ckpt = tmp_path / "lora" / "final"
     assert (ckpt / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -259,8 +268,8 @@ def test_cli_generate_sft_eval(tmp_path):
     assert (run / "final").resolve() == ckpt.resolve()
     assert "mask_world_model: true" in (ckpt / "config.yaml").read_text()
     assert (run / "tb").is_dir() and (run / "metrics.jsonl").is_file()
-    assert spa(["eval", "--env", "sokoban", "--model", str(run / "final"), "--levels", "1", "--samples", "2",
-                "--max-new-tokens", "8", "--out", str(tmp_path / "eval")]) == 0
+    assert spa(["eval", "--env", "sokoban", "--model", str(run / "final"), "--eval.levels", "1", "--eval.samples", "2",
+                "--sampling.max-new-tokens", "8", "--out", str(tmp_path / "eval")]) == 0
     assert spa(["sft", "--out", str(tmp_path / "x")]) == 2  # no --data: one-line error
 
 
@@ -280,3 +289,20 @@ def test_smollm2_short_sft(short_data, tmp_path, default_model_dir):
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert model.num_parameters() > 100e6
     load_model_and_tokenizer(str(run / "final"))
+
+
+def test_a_bad_dataset_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import spa_rl.models
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": []}\n')
+    (data / "README.md").write_text("card\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(spa_rl.models, "load_model_and_tokenizer", no_model)
+    from spa_rl.errors import DataError
+    with pytest.raises(DataError, match="train.jsonl row 1"):
+        main(_cfg(data, tmp_path / "run"))

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from spa_rl.config import load_config
 from spa_rl.recipes import train
 
-SMALL = dict(env="frozenlake", init="tiny", groups=2, group_size=2, keep_ratio=1.0, max_new_tokens=12, max_turns=2,
-             val_levels=2, val_samples=2, actor_lr=1e-3, critic_lr=1e-3)
+SMALL = {"env": "frozenlake", "model": "tiny", "groups": 2, "group_size": 2, "keep_ratio": 1.0,
+         "sampling": {"max_new_tokens": 12}, "episode": {"max_turns": 2}, "eval": {"levels": 2, "samples": 2},
+         "optim": {"lr": 1e-3}, "critic_optim": {"lr": 1e-3}}
 
 
 def run_train(tmp_path, name, **over):
@@ -30,7 +31,7 @@ def step_rows(rows):
 
 @pytest.mark.parametrize("dtype", ["fp32", "auto"])
 def test_first_minibatch_ratio_is_exactly_one(tmp_path, dtype):
-    rows = step_rows(run_train(tmp_path, dtype, steps=1, dtype=dtype, eval_every=0))
+    rows = step_rows(run_train(tmp_path, dtype, steps=1, **{"model.dtype": dtype}, eval_every=0))
     assert rows[0]["actor/ratio_mean"] == 1.0 and rows[0]["actor/ratio_max"] == 1.0
     assert rows[0]["actor/clipfrac"] == 0.0
     # the sampler's log-probs agree with the training forward up to kernel differences
@@ -38,21 +39,22 @@ def test_first_minibatch_ratio_is_exactly_one(tmp_path, dtype):
 
 
 def test_run_writes_config_checkpoint_and_validation(tmp_path):
-    rows = run_train(tmp_path, "r", steps=2, eval_every=1, dtype="fp32", algo="grpo")
+    rows = run_train(tmp_path, "r", steps=2, eval_every=1, algo="grpo", **{"model.dtype": "fp32"})
     out = tmp_path / "r"
-    assert (out / "config.yaml").is_file() and (out / "checkpoint" / "COMPLETE").is_file()
-    assert (out / "checkpoint" / "actor" / "model.safetensors").is_file()
+    assert (out / "config.yaml").is_file() and (out / "checkpoint-step-2" / "COMPLETE").is_file()
+    assert (out / "final").resolve() == (out / "checkpoint-step-2").resolve()
+    assert (out / "checkpoint-step-2" / "model.safetensors").is_file()
     assert [r["step"] for r in rows if "val/pass@1" in r] == [0, 1, 2]
-    assert not (out / "checkpoint" / "critic.safetensors").exists()  # grpo has no critic
+    assert not (out / "checkpoint-step-2" / "critic.safetensors").exists()  # grpo has no critic
     from spa_rl.models import load_model_and_tokenizer
-    load_model_and_tokenizer(str(out / "checkpoint" / "actor"))
+    load_model_and_tokenizer(str(out / "final"))
 
 
 def test_existing_run_needs_resume(tmp_path):
-    run_train(tmp_path, "r", steps=1, eval_every=0, dtype="fp32")
+    run_train(tmp_path, "r", steps=1, eval_every=0, **{"model.dtype": "fp32"})
     from spa_rl.errors import ConfigError
     with pytest.raises(ConfigError, match="--resume"):
-        run_train(tmp_path, "r", steps=1, eval_every=0, dtype="fp32")
+        run_train(tmp_path, "r", steps=1, eval_every=0, **{"model.dtype": "fp32"})
 
 
 def test_loss_masks(tmp_path):
@@ -67,24 +69,24 @@ def test_loss_masks(tmp_path):
     rollouts = run_rollouts(make_episodes("sokoban", "val", 0, 1, 2, EpisodeConfig(max_turns=2)),
                             HFBackend(model, tok), chat, SamplingParams(max_new_tokens=8))
     cfg = load_config(train.Config, {**SMALL, "out": str(tmp_path)})
-    batch = train.build_batch(rollouts, chat, cfg, tok.pad_token_id)
+    batch = train.build_batch(rollouts, train.score(rollouts), chat, cfg, tok.pad_token_id)
     for b, r in enumerate(rollouts):
-        m = batch["mask"][b, :len(r.sequence)].long().tolist()
+        m = batch.mask[b, :len(r.sequence)].long().tolist()
         assert m == r.sequence.loss_mask
-        assert batch["rewards"][b].nonzero().flatten().tolist() == [max(i for i, x in enumerate(m) if x)]
-        assert batch["rewards"][b].sum().item() == pytest.approx(r.episode.score)
+        assert batch.rewards[b].nonzero().flatten().tolist() == [max(i for i, x in enumerate(m) if x)]
+        assert batch.rewards[b].sum().item() == pytest.approx(r.episode.score)
     cfg_all = load_config(train.Config, {**SMALL, "out": str(tmp_path), "loss_tokens": "all-after-system"})
-    batch_all = train.build_batch(rollouts, chat, cfg_all, tok.pad_token_id)
+    batch_all = train.build_batch(rollouts, train.score(rollouts), chat, cfg_all, tok.pad_token_id)
     n_system = len(chat.encode(chat.render(rollouts[0].episode.messages[:1], False)))
-    row = batch_all["mask"][0, :len(rollouts[0].sequence)].long().tolist()
+    row = batch_all.mask[0, :len(rollouts[0].sequence)].long().tolist()
     assert row == [0] * n_system + [1] * (len(row) - n_system)
 
 
 def _cli(out, steps, *extra):
-    args = ["--env", "frozenlake", "--init", "tiny", "--steps", str(steps), "--groups", "2", "--group-size", "2",
-            "--keep-ratio", "1.0", "--max-new-tokens", "12", "--max-turns", "2", "--val-levels", "2",
-            "--val-samples", "2", "--eval-every", "2", "--save-every", "1", "--actor-lr", "1e-3",
-            "--critic-lr", "1e-3", "--dtype", "fp32", "--out", str(out), *extra]
+    args = ["--env", "frozenlake", "--model", "tiny", "--steps", str(steps), "--groups", "2", "--group-size", "2",
+            "--keep-ratio", "1.0", "--sampling.max-new-tokens", "12", "--episode.max-turns", "2", "--eval.levels", "2",
+            "--eval.samples", "2", "--eval-every", "2", "--save-every", "1", "--optim.lr", "1e-3",
+            "--critic-optim.lr", "1e-3", "--model.dtype", "fp32", "--out", str(out), *extra]
     return [sys.executable, "-m", "spa_rl.cli", "train", *args]
 
 
@@ -105,18 +107,18 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         if line.startswith("step 3/4") or time.time() > deadline:
             break
         if line.startswith("step 2/4"):
-            while not (killed / "checkpoint" / "COMPLETE").exists() or \
-                    torch.load(killed / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] < 2:
+            while not (killed / "checkpoint-step-2" / "COMPLETE").exists():
                 time.sleep(0.05)
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "checkpoint" / "actor" / "trainer_state.pt").exists()
+    assert not (killed / "checkpoint-step-3").exists()
     subprocess.run(_cli(killed, 4, "--resume"), check=True, env=env, capture_output=True)
 
-    a = load_file(str(straight / "checkpoint" / "actor" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoint" / "actor" / "model.safetensors"))
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    assert (killed / "final").resolve().name == "checkpoint-step-4"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -128,5 +130,15 @@ def test_bad_env_options_fail_at_config_time():
     from spa_rl.errors import ConfigError
     from spa_rl.recipes.train import Config
 
-    with pytest.raises(ConfigError, match="env_options"):
-        load_config(Config, {"env": "frozenlake", "env_options": "[1, 2]"})
+    with pytest.raises(ConfigError, match="env.options"):
+        load_config(Config, {"env": {"name": "frozenlake", "options": "[1, 2]"}})
+
+
+def test_validation_uses_the_eval_config_and_its_checks():
+    from spa_rl.config import load_config
+    from spa_rl.rollout.evaluation import EvalConfig
+
+    cfg = load_config(train.Config, {**SMALL, "sampling": {"temperature": 0.7}})
+    ec = train.eval_config(cfg)
+    assert isinstance(ec, EvalConfig)
+    assert (ec.model.name, ec.env.name, ec.sampling.temperature, ec.eval.levels) == ("tiny", "frozenlake", 0.7, 2)

@@ -11,7 +11,7 @@ The protocol is described in docs/protocol.md.
 
 from spa_rl.agent.episode import Episode, EpisodeConfig, TurnRecord
 from spa_rl.agent.metrics import aggregate_metrics, episode_metrics
-from spa_rl.agent.parsing import ParsedResponse, parse_response, serialize_response, split_actions
+from spa_rl.agent.parsing import MODES, ParsedResponse, parse_response, serialize_response, split_actions
 from spa_rl.agent.prompts import PromptSet, format_reward, prompt_variables
 from spa_rl.agent.worldmodel import (
     ground_truth_messages,
@@ -20,6 +20,7 @@ from spa_rl.agent.worldmodel import (
 )
 
 __all__ = [
+    "MODES",
     "Episode",
     "EpisodeConfig",
     "ParsedResponse",

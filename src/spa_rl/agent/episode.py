@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from spa_rl.agent.parsing import ParsedResponse, parse_response
-from spa_rl.agent.prompts import MODES, PromptSet, prompt_variables
+from spa_rl.agent.parsing import MODES, ParsedResponse, parse_response
+from spa_rl.agent.prompts import PromptSet, prompt_variables
+from spa_rl.envs import RENDER_MODES
 from spa_rl.errors import ConfigError
 
-RENDER_MODES = ("grid", "grid+coords")
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
+from spa_rl.agent.parsing import MODES
 from spa_rl.errors import ConfigError, UnknownEnvError
 
-MODES = ("base", "world-model")
 _REQUIRED = ("system", "instructions", "legend", "formats", "example", "random_policy_reasoning")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -28,38 +28,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spa_rl.config import atomic_write_text, config_to_dict, option, save_config
-from spa_rl.envs import ENV_NAMES
-from spa_rl.recipes.eval import env_options_errors, parse_env_options
+from spa_rl.config import config_to_dict, option, section, save_config
+from spa_rl.sections import EnvSection, EpisodeSection, ModelSection, SamplingSection
 
 POLICIES = ("self", "random", "solver")
-RENDERS = ("grid", "grid+coords")
 COORDINATE_BASE = {"sudoku": 1}  # Sudoku coordinates are 1-indexed; the grids' are 0-indexed
 
 
 @dataclass
 class Config:
-    env: str = option("sokoban", "game to play", choices=ENV_NAMES)
-    model: str = option("default", "'default' (embedded SmolLM2-135M-Instruct), 'tiny', a local folder or a hub id; "
-                                   "ignored by the random and solver policies")
+    model: ModelSection = section(ModelSection, "the model that plays (policy self only)")
+    env: EnvSection = section(EnvSection, "the game")
+    episode: EpisodeSection = section(EpisodeSection, "how an episode is played (world-model prompts)",
+                                      mode="world-model")
+    sampling: SamplingSection = section(SamplingSection, "how responses are sampled (policy self only)")
     policy: str = option("self", "who chooses the actions: the model (self), uniform random, or the game's solver",
                          choices=POLICIES)
-    episodes: int = option(1280, "episodes to play (= levels x group_size; the paper: 1,280)")
-    group_size: int = option(8, "episodes per level")
+    episodes: int = option(1280, "episodes to play (the paper: 1,280 = 160 levels x 8)")
+    group_size: int = option(8, "episodes per level (the last level gets fewer when episodes is not a multiple)")
     first_level: int = option(0, "index of the first level in the train seed stream")
-    render: str = option("grid+coords", "state text: grid only, or grid plus coordinate line", choices=RENDERS)
-    env_options: str | None = option(None, "game options as YAML, e.g. '{size: 6}' or '{is_slippery: false}'")
-    max_turns: int = option(5, "LLM turns per episode")
-    max_actions_per_turn: int = option(5, "actions kept from one answer")
-    action_budget: int | None = option(None, "actions per episode (default: the game's, 10 / 10 / 50)")
-    max_new_tokens: int = option(400, "token cap for one turn's response")
-    temperature: float = option(1.0, "sampling temperature (0 = greedy)")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    top_k: int = option(0, "top-k sampling (0 = off)")
-    batch_size: int = option(64, "episodes generated together")
-    max_context_tokens: int = option(8192, "an episode stops when its next turn would not fit")
-    dtype: str = option("auto", "model dtype: auto (bf16 where the CPU/GPU supports it), bf16, fp32",
-                        choices=("auto", "bf16", "fp32"))
     self_belief: bool = option(False, "ablation: keep the model's own observation/prediction (no substitution)")
     random_coords: bool = option(False, "ablation: replace every state coordinate by a random in-grid one")
     filter_format: bool = option(False, "drop rows whose response broke the world-model format")
@@ -69,29 +56,21 @@ class Config:
     out: str = option("data/sokoban", "output folder")
 
     def check(self) -> list[str]:
-        errors = env_options_errors(self.env_options)
-        for name in ("episodes", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens",
-                     "batch_size", "random_actions"):
+        errors = []
+        for name in ("episodes", "group_size", "random_actions"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.episodes >= 1 and self.group_size >= 1 and self.episodes % self.group_size:
-            errors.append(f"episodes ({self.episodes}) must be a multiple of group_size ({self.group_size})")
-        if self.action_budget is not None and self.action_budget < 1:
-            errors.append(f"action_budget must be >= 1, got {self.action_budget}")
+        if self.episode.mode != "world-model":
+            errors.append(f"episode.mode must be world-model (the data teaches the world-model format), got "
+                          f"{self.episode.mode}")
         if not 0 <= self.val_fraction < 1:
             errors.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.random_coords and self.render != "grid+coords":
-            errors.append("random_coords needs render grid+coords (the grid render has no coordinates)")
+        if self.random_coords and self.episode.render != "grid+coords":
+            errors.append("random_coords needs episode.render grid+coords (the grid render has no coordinates)")
         if self.self_belief and self.policy != "self":
             errors.append(f"self_belief only applies to policy self (the {self.policy} policy writes no states "
                           "of its own)")
         return errors
-
-
-def episode_config(cfg: Config):
-    from spa_rl.agent import EpisodeConfig
-    return EpisodeConfig(mode="world-model", render_mode=cfg.render, max_turns=cfg.max_turns,
-                         max_actions_per_turn=cfg.max_actions_per_turn, action_budget=cfg.action_budget)
 
 
 # ---- scripted policies -----------------------------------------------------------------------
@@ -159,7 +138,7 @@ def play(cfg: Config, episodes: list) -> None:
     """Play every (group, episode) pair to its end with `cfg.policy`."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(episodes), desc=f"generate {cfg.env} ({cfg.policy})", unit="ep")
+    bar = tqdm(total=len(episodes), desc=f"generate {cfg.env.name} ({cfg.policy})", unit="ep")
     if cfg.policy != "self":
         rng = random.Random(cfg.seed)
         for _, ep in episodes:
@@ -170,18 +149,18 @@ def play(cfg: Config, episodes: list) -> None:
         return
 
     from spa_rl.models import load_model_and_tokenizer
-    from spa_rl.recipes.eval import sampling_params
-    from spa_rl.rollout.backend import HFBackend
     from spa_rl.rollout.engine import run_rollouts
+    from spa_rl.rollout.setup import make_backend, sampling_params
     from spa_rl.tokens import ChatTokenizer
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype)
     chat = ChatTokenizer(tokenizer)
-    backend = HFBackend(model, tokenizer, max_batch_size=cfg.batch_size, seed=cfg.seed)
-    # Chunks of `batch_size` episodes: bounded memory, steady progress; same result per chunk.
-    for start in range(0, len(episodes), cfg.batch_size):
-        chunk = episodes[start:start + cfg.batch_size]
-        run_rollouts(chunk, backend, chat, sampling_params(cfg), cfg.max_context_tokens,
+    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed)
+    # Chunks of `decode_batch` episodes: bounded memory, steady progress; same result per chunk.
+    step = cfg.sampling.decode_batch
+    for start in range(0, len(episodes), step):
+        chunk = episodes[start:start + step]
+        run_rollouts(chunk, backend, chat, sampling_params(cfg.sampling), cfg.episode.max_context_tokens,
                      lambda turn, n: bar.set_postfix(turn=turn, active=n))
         bar.update(len(chunk))
     bar.close()
@@ -190,23 +169,24 @@ def play(cfg: Config, episodes: list) -> None:
 def main(cfg: Config) -> int:
     import json
 
-    from spa_rl.data import (CARD, EPISODES_FILE, SPLIT_FILES, dataset_card, split_levels, split_stats,
-                             write_jsonl)
-    from spa_rl.rollout.engine import make_episodes
+    from spa_rl.artifacts import atomic_write_text, write_jsonl
+    from spa_rl.data import CARD, EPISODES_FILE, SPLIT_FILES, dataset_card, split_levels, split_stats
+    from spa_rl.rollout.setup import make_level_episodes
 
     out = Path(cfg.out)
     if (out / CARD).exists():
         (out / CARD).unlink()  # the card marks a complete dataset: remove it until this one is
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    levels = cfg.episodes // cfg.group_size
-    print(f"spa generate: {cfg.env}, {levels} levels x {cfg.group_size} = {cfg.episodes} episodes, policy "
-          f"{cfg.policy}" + (f", model {cfg.model}" if cfg.policy == "self" else " (no model: --model ignored)"))
+    levels = -(-cfg.episodes // cfg.group_size)
+    print(f"spa generate: {cfg.env.name}, {cfg.episodes} episodes on {levels} levels (up to {cfg.group_size} each), "
+          f"policy {cfg.policy}" + (f", model {cfg.model.name}" if cfg.policy == "self"
+                                    else " (no model: --model ignored)"))
 
     # 1. play
     t0 = time.perf_counter()
-    episodes = make_episodes(cfg.env, "train", cfg.first_level, levels, cfg.group_size, episode_config(cfg),
-                             env_options=parse_env_options(cfg.env_options))
+    episodes = make_level_episodes(cfg.env, cfg.episode, "train", cfg.first_level, levels,
+                                   cfg.group_size)[:cfg.episodes]
     play(cfg, episodes)
     seconds = time.perf_counter() - t0
 
@@ -231,8 +211,8 @@ def main(cfg: Config) -> int:
         elif (out / SPLIT_FILES[split]).exists():
             (out / SPLIT_FILES[split]).unlink()
     stats = {**{s: split_stats(r) for s, r in parts.items()}, "all": split_stats(rows)}
-    notes = [f"Self-play world-model data for `{cfg.env}` made by `spa generate` (spa-rl) with policy "
-             f"`{cfg.policy}`" + (f" and model `{cfg.model}`." if cfg.policy == "self" else "."),
+    notes = [f"Self-play world-model data for `{cfg.env.name}` made by `spa generate` (spa-rl) with policy "
+             f"`{cfg.policy}`" + (f" and model `{cfg.model.name}`." if cfg.policy == "self" else "."),
              "",
              f"{cfg.episodes} episodes on {levels} train-stream levels (first level index {cfg.first_level}); "
              f"{len(val_levels)} level(s) held out for validation; {played_rows} turns played, "
@@ -241,7 +221,7 @@ def main(cfg: Config) -> int:
              "Observation/prediction contents: " + ("the model's own (self-belief ablation)." if cfg.self_belief
                                                     else "the true states (ground-truth substitution).")
              + (" Coordinates randomised (ablation)." if cfg.random_coords else "")]
-    atomic_write_text(out / CARD, dataset_card(f"spa-rl world-model data: {cfg.env}", stats, notes,
+    atomic_write_text(out / CARD, dataset_card(f"spa-rl world-model data: {cfg.env.name}", stats, notes,
                                                config_to_dict(cfg)))
     s = stats["all"]
     print(f"{s['episodes']} episodes, {s['rows']} rows ({len(parts['train'])} train, {len(parts['validation'])} "

@@ -13,8 +13,16 @@ and then report.md with plots (`spa report`).
 
 A stage whose folder holds a `STAGE_DONE` file is skipped. A stage that was interrupted runs
 again: SFT and PPO resume from their last checkpoint, generation and evaluation start over
-(they write their outputs atomically at the end). Presets are YAML files in spa_rl/configs/
-with one section per stage; `--set stage.field=value` overrides a single field.
+(they write their outputs atomically at the end).
+
+Presets are YAML files (spa_rl/configs/ or your own). Top-level keys:
+  model: the starting model (generate, sft);
+  env / episode / sampling / ...: a shared config section, applied to every stage that has it,
+      so that a value is set once (e.g. `sampling: {max_new_tokens: 288}`);
+  generate / sft / eval-sft-wm / train / eval: one stage's values, over the shared ones.
+The final evaluation plays the episode settings of the training stage (render, prompt mode,
+turns) unless its own section says otherwise. `--set STAGE.FIELD=VALUE` overrides one field
+(`--set train.sampling.temperature=0.7`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from spa_rl.config import atomic_write_text, load_config, save_config
+from spa_rl.artifacts import atomic_write_text
+from spa_rl.config import load_config, save_config
 from spa_rl.envs import ENV_NAMES
 from spa_rl.errors import ConfigError
 
@@ -61,41 +70,67 @@ def load_preset(name: str) -> dict:
         except FileNotFoundError:
             raise ConfigError(f"unknown preset {name!r}: use cpu-small, paper or a YAML file") from None
     data = yaml.safe_load(text) or {}
-    unknown = sorted(set(data) - set(STAGES) - {"model"})
-    if unknown:
-        raise ConfigError(f"preset {name}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(STAGES)}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name}: expected a mapping of sections")
     return data
 
 
+def _config_class(stage: str):
+    return importlib.import_module(RECIPES[stage]).Config
+
+
+def _shared_sections(preset: dict, name: str) -> dict:
+    """The preset's shared sections, checked: each must be a section of at least one stage."""
+    import dataclasses
+
+    shared = {k.replace("-", "_"): v for k, v in preset.items() if k not in STAGES and k != "model"}
+    for key in shared:
+        if not any(key in {f.name for f in dataclasses.fields(_config_class(s))} for s in STAGES):
+            raise ConfigError(f"preset {name}: unknown section {key!r}; sections are model, the stages "
+                              f"({', '.join(STAGES)}) and the shared config sections (env, episode, sampling, ...)")
+    return shared
+
+
 def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list[str],
-                  env_options: str | None = None) -> dict:
+                  env_options: str | None = None, preset_name: str = "preset") -> dict:
     """The resolved config of every stage, with the links between stages filled in."""
-    sections = {s: dict(preset.get(s) or {}) for s in STAGES}
+    import dataclasses
+
+    from spa_rl.artifacts import final_model
+    from spa_rl.config import flatten_values
+
+    shared = _shared_sections(preset, preset_name)
+    per_stage: dict[str, dict] = {}
+    for stage in STAGES:
+        cls = _config_class(stage)
+        names = {f.name for f in dataclasses.fields(cls)}
+        where = f"preset {preset_name}, stage {stage}: "
+        values = flatten_values(cls, {k: v for k, v in shared.items() if k in names}, where)
+        if stage == "eval":  # the final evaluation plays what training played
+            values.update({k: v for k, v in per_stage["train"].items() if k.startswith("episode.")})
+        values.update(flatten_values(cls, dict(preset.get(stage) or {}), where))
+        per_stage[stage] = values
     if env_options is not None:  # the same game for every stage that plays (SFT only reads data)
         for stage in ("generate", "eval-sft-wm", "train", "eval"):
-            sections[stage]["env_options"] = env_options
-    for item in overrides:
+            per_stage[stage]["env.options"] = env_options
+    for item in overrides:  # --set wins over everything else
         key, sep, value = item.partition("=")
         stage, dot, field = key.partition(".")
         if not sep or not dot or stage not in STAGES:
             raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
-        sections[stage][field.replace("-", "_")] = yaml.safe_load(value)
-    from spa_rl.recipes.sft import latest_checkpoint_path
-
-    sft_final = latest_checkpoint_path(out / "sft", sections["sft"])
+        per_stage[stage].update(flatten_values(_config_class(stage), {field: yaml.safe_load(value)}, f"--set {item}: "))
     links = {
-        "generate": {"env": env, "model": model, "out": str(out / "generate")},
-        "sft": {"data": str(out / "generate"), "model": model, "out": str(out / "sft")},
-        "eval-sft-wm": {"env": env, "model": str(sft_final), "mode": "world-model", "out": str(out / "eval-sft-wm")},
-        "train": {"env": env, "init": str(sft_final), "out": str(out / "train")},
-        "eval": {"env": env, "model": str(out / "train" / "checkpoint" / "actor"), "out": str(out / "eval")},
+        "generate": {"env.name": env, "model.name": model, "out": str(out / "generate")},
+        "sft": {"data": str(out / "generate"), "model.name": model, "out": str(out / "sft")},
+        "eval-sft-wm": {"env.name": env, "model.name": str(final_model(out / "sft")), "episode.mode": "world-model",
+                        "out": str(out / "eval-sft-wm")},
+        "train": {"env.name": env, "model.name": str(final_model(out / "sft")), "out": str(out / "train")},
+        "eval": {"env.name": env, "model.name": str(final_model(out / "train")), "out": str(out / "eval")},
     }
     configs = {}
     for stage in STAGES:
-        module = importlib.import_module(RECIPES[stage])
-        values = {**sections[stage], **links[stage]}
         try:
-            configs[stage] = load_config(module.Config, values)
+            configs[stage] = load_config(_config_class(stage), {**per_stage[stage], **links[stage]})
         except ConfigError as exc:
             raise ConfigError(f"stage {stage}: {exc}") from None
     return configs
@@ -120,7 +155,8 @@ def run(args) -> int:
     out = Path(args.out)
     preset = load_preset(args.preset)
     model = args.model or preset.get("model", "default")
-    configs = stage_configs(preset, args.env, model, out, args.set, args.env_options)  # all errors before any work
+    configs = stage_configs(preset, args.env, model, out, args.set, args.env_options,
+                           args.preset)  # all errors before any work
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
         {"env": args.env, "preset": args.preset, "model": model, "env_options": args.env_options,

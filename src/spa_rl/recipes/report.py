@@ -14,23 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
+from spa_rl.artifacts import read_jsonl
 from spa_rl.errors import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default=None, help="folder for report.md and the plots (default: the first run folder)")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path} line {n}: not valid JSON") from None
-    return rows
 
 
 def collect(run: Path) -> dict:
@@ -170,7 +160,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     for title, fname in plots:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     path = out / "report.md"
-    from spa_rl.config import atomic_write_text
+    from spa_rl.artifacts import atomic_write_text
     atomic_write_text(path, "\n".join(lines))
     return path
 

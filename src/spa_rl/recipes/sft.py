@@ -1,6 +1,6 @@
 """spa sft: supervised finetuning on a world-model dataset (SPA stage 2, SPEC 4).
 
-    spa sft --data data/sokoban --model default --epochs 5 --lr 1e-4 --batch 16 --out runs/sft
+    spa sft --data data/sokoban --model default --epochs 5 --optim.lr 1e-4 --batch 16 --out runs/sft
     spa sft --data data/sokoban --out runs/sft --resume          # continue an interrupted run
     spa eval --model runs/sft/final                               # the last epoch's checkpoint
 
@@ -18,8 +18,8 @@
    tokens); gradients accumulate over the micro-batches; clip; AdamW; cosine schedule with
    linear warmup. Log-probs come from `training.token_logprobs` (LM head only on trained
    positions, in chunks). bf16 autocast over fp32 master weights.
-4. After every epoch: validation loss, then a checkpoint `checkpoint-epoch-N/` (safetensors,
-   tokenizer, config.yaml, trainer_state.pt), written atomically; `final` links to the last.
+4. After every epoch: validation loss, then a checkpoint `checkpoint-epoch-N/` in the layout of
+   `spa_rl.artifacts` (written atomically); `final` links to the last.
 
 A plain PyTorch loop rather than `transformers.Trainer`: exact control of the loss mask and its
 normalisation, logits only where the mask needs them, and no framework overhead on CPU.
@@ -28,43 +28,33 @@ normalisation, logits only where the mask needs them, and no framework overhead 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from spa_rl.config import atomic_write_text, config_to_dict, option
-from spa_rl.errors import CheckpointError, ConfigError
+from spa_rl.config import config_to_dict, option, save_config, section
+from spa_rl.errors import ConfigError
+from spa_rl.sections import ModelSection, OptimSection
 
 
 @dataclass
 class Config:
+    model: ModelSection = section(ModelSection, "the model to finetune")
+    optim: OptimSection = section(OptimSection, "AdamW and the schedule")
     data: str | None = option(None, "dataset folder written by `spa generate` (train.jsonl, validation.jsonl)")
-    model: str = option("default", "'default' (embedded SmolLM2-135M-Instruct), 'tiny', a local folder or a hub id")
     epochs: int = option(5, "passes over the training rows")
-    lr: float = option(1e-4, "peak learning rate")
     batch: int = option(16, "rows per optimizer step (global batch)")
     micro_batch: int = option(4, "at most this many rows per forward/backward (gradient accumulation)")
     micro_batch_tokens: int = option(8192, "at most this many padded tokens per micro-batch (memory bound)")
-    warmup_ratio: float = option(0.1, "share of the optimizer steps with linear warmup")
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
     max_length: int = option(4096, "rows with more tokens are skipped and counted (never truncated)")
     mask_world_model: bool = option(False, "ablation: no loss on the <observation>/<prediction> contents")
     lora: bool = option(False, "train LoRA adapters instead of all weights (checkpoints hold merged weights)")
     lora_rank: int = option(16, "LoRA rank")
     lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank)")
     lora_dropout: float = option(0.0, "LoRA dropout")
-    precision: str = option("auto", "bf16 = fp32 weights with bf16 autocast; auto = bf16 where the hardware "
-                                    "computes it natively", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     loss_chunk: int = option(1024, "trained positions per LM-head chunk")
     max_rows: int | None = option(None, "use at most this many rows of each split (quick runs)")
@@ -77,10 +67,6 @@ class Config:
         for name in ("epochs", "batch", "micro_batch", "micro_batch_tokens", "max_length", "lora_rank", "loss_chunk"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            errors.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            errors.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_rows is not None and self.max_rows < 1:
             errors.append(f"max_rows must be >= 1, got {self.max_rows}")
         return errors
@@ -149,7 +135,7 @@ def load_for_training(cfg: Config, resume_from: Path | None):
     """(model, tokenizer) in fp32, LoRA-wrapped if asked, with the checkpoint's weights on resume."""
     from spa_rl.models import load_model_and_tokenizer
 
-    source = str(resume_from) if resume_from is not None and not cfg.lora else cfg.model
+    source = str(resume_from) if resume_from is not None and not cfg.lora else cfg.model.name
     model, tokenizer = load_model_and_tokenizer(source, dtype="fp32")
     if cfg.lora:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -199,7 +185,7 @@ def train_step(model, optimizer, scheduler, examples, batch, cfg: Config, pad_id
         (nll / n_trained).backward()  # token mean over the whole global batch, not per micro-batch
         loss_sum += float(nll.detach())
         tokens += int(attn.sum())
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     finite = bool(torch.isfinite(grad_norm))
     if finite:  # a non-finite gradient skips the update (as the reference does)
@@ -219,33 +205,17 @@ def _tensors(examples, mb, pad_id, device):
     return ids.to(device), mask.to(device), attn.to(device)
 
 
-def latest_checkpoint_path(run_dir: str | os.PathLike, values: dict | None = None) -> Path:
-    """Where the last checkpoint of an SFT run with these config values is (or will be):
-    `run_dir/checkpoint-epoch-{epochs}`. It exists only once the run has finished; while it
-    runs, `training.latest_checkpoint(run_dir)` is the newest complete epoch."""
-    epochs = int((values or {}).get("epochs", Config.epochs))
-    from spa_rl.training import checkpoint_dir
-
-    return checkpoint_dir(run_dir, epochs)
-
-
 def save_epoch(cfg: Config, run: Path, epoch: int, model, tokenizer, state: dict) -> Path:
-    from spa_rl.training import checkpoint_dir, prune_trainer_states, save_checkpoint
+    from spa_rl.artifacts import checkpoint_dir, finish_checkpoint, save_checkpoint
 
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    path = checkpoint_dir(run, "epoch", epoch)
     if cfg.lora:  # a full model for eval/PPO (merged copy) + the adapter for resuming
         merged = copy.deepcopy(model).merge_and_unload()
-        path = save_checkpoint(checkpoint_dir(run, epoch), merged, tokenizer, state, config_yaml, adapter_model=model)
+        save_checkpoint(path, merged, tokenizer, config_to_dict(cfg), state, adapter_model=model)
         del merged
     else:
-        path = save_checkpoint(checkpoint_dir(run, epoch), model, tokenizer, state, config_yaml)
-    prune_trainer_states(run, keep=path)
-    link = run / "final"
-    tmp = run / ".final.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(path.name, tmp)
-    os.replace(tmp, link)
+        save_checkpoint(path, model, tokenizer, config_to_dict(cfg), state)
+    finish_checkpoint(run, path)
     return path
 
 
@@ -254,30 +224,23 @@ def save_epoch(cfg: Config, run: Path, epoch: int, model, tokenizer, state: dict
 
 def main(cfg: Config) -> int:
     import torch
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
+    from spa_rl.artifacts import MetricsLog, check_new_or_resume, load_trainer_state
     from spa_rl.data import load_rows
     from spa_rl.tokens import ChatTokenizer
-    from spa_rl.training import (adamw, cosine_schedule, latest_checkpoint, list_checkpoints, load_trainer_state,
-                                 rng_state, set_rng_state)
+    from spa_rl.training import optimizer_and_schedule, rng_state, set_rng_state
 
     run = Path(cfg.out)
-    resume_from = None
-    if cfg.resume and not list_checkpoints(run):
-        print(f"--resume: {run} has no checkpoint yet; starting a new run")
-    elif cfg.resume:
-        resume_from = latest_checkpoint(run, resumable=True)
-        if resume_from is None:
-            raise CheckpointError(f"--resume: no checkpoint in {run} holds a trainer state (trainer_state.pt)")
+    resume_from = check_new_or_resume(run, cfg.resume)
+    if resume_from is not None:
         _warn_config_changes(cfg, resume_from)
-    elif list_checkpoints(run):
-        raise ConfigError(f"out: {run} already holds checkpoints; pass --resume to continue that run or choose "
-                          "another --out")
+    # the data first: a bad dataset fails in a second, before any model is loaded
+    splits = {s: load_rows(cfg.data, s)[:cfg.max_rows] for s in ("train", "validation")}
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    save_config(cfg, run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.model.dtype)
     torch.manual_seed(cfg.seed)
 
     # 1. data -> token ids and loss masks (the rollout's token path)
@@ -285,52 +248,40 @@ def main(cfg: Config) -> int:
     model.to(device).train()
     chat = ChatTokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id
-    splits = {s: load_rows(cfg.data, s)[:cfg.max_rows] for s in ("train", "validation")}
     train, skipped = tokenize_rows(chat, splits["train"], cfg.max_length, cfg.mask_world_model)
     val, val_skipped = tokenize_rows(chat, splits["validation"], cfg.max_length, cfg.mask_world_model)
     if not train:
         raise ConfigError(f"data: no training row fits max_length {cfg.max_length} ({skipped} skipped)")
     steps_per_epoch = math.ceil(len(train) / cfg.batch)
     total_steps = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_ratio * total_steps)
     lengths = [len(x) for x, _ in train]
     print(f"spa sft: {len(train)} train rows ({skipped} over max_length {cfg.max_length} skipped), {len(val)} "
           f"validation rows ({val_skipped} skipped); tokens/row mean {sum(lengths) / len(lengths):.0f} max "
           f"{max(lengths)}; trained tokens {sum(sum(m) for _, m in train)}")
-    print(f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch} rows = {total_steps} steps, warmup "
-          f"{warmup}; {'LoRA' if cfg.lora else 'full'} finetuning, {precision}, device {device}, model {cfg.model}"
+    print(f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch} rows = {total_steps} steps; "
+          f"{'LoRA' if cfg.lora else 'full'} finetuning, {precision}, device {device}, model {cfg.model.name}"
           + (", world-model spans masked (ablation)" if cfg.mask_world_model else ""))
 
     # 2. optimizer, schedule, and the resumed state
-    optimizer = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    scheduler = cosine_schedule(optimizer, total_steps, warmup)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.optim, total_steps)
     step, start_epoch = 0, 1
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizers"]["model"])
+        scheduler.load_state_dict(state["schedulers"]["model"])
         set_rng_state(state["rng"])
-        step, start_epoch = state["step"], state["epoch"] + 1
-        print(f"resumed from {resume_from} (epoch {state['epoch']}, step {step})")
-    writer = SummaryWriter(str(run / "tb"))
-    log_path = run / "metrics.jsonl"
-    _truncate_log(log_path, step)
-
-    def log(record: dict) -> None:
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                writer.add_scalar(f"sft/{k}", v, record["step"])
+        step, start_epoch = state["counters"]["step"], state["counters"]["epoch"] + 1
+        print(f"resumed from {resume_from} (epoch {start_epoch - 1}, step {step})")
+    log = MetricsLog(run, resume_step=step if resume_from is not None else None, tb_prefix="sft/")
 
     # 3. epochs of accumulated micro-batches
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step")
     for epoch in range(start_epoch, cfg.epochs + 1):
         for batch in epoch_batches(len(train), cfg.batch, cfg.seed, epoch):
-            record = {"step": step + 1, "epoch": epoch,
+            record = {"epoch": epoch,
                       **train_step(model, optimizer, scheduler, train, batch, cfg, pad_id, device, precision)}
             step += 1
-            log(record)
+            log.log(step, record)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_second']:.0f}")
@@ -338,31 +289,30 @@ def main(cfg: Config) -> int:
         # 4. validation loss and an atomic checkpoint after every epoch
         val_loss = evaluate_loss(model, val, cfg, pad_id, device, precision) if val else None
         if val_loss is not None:
-            log({"step": step, "epoch": epoch, "val_loss": val_loss})
-        state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            log.log(step, {"epoch": epoch, "val_loss": val_loss})
+        state = {"counters": {"step": step, "epoch": epoch}, "optimizers": {"model": optimizer.state_dict()},
+                 "schedulers": {"model": scheduler.state_dict()}, "rng": rng_state()}
         path = save_epoch(cfg, run, epoch, model, tokenizer, state)
         bar.write(f"epoch {epoch}: " + (f"val_loss {val_loss:.4f}; " if val else "") + f"saved {path}")
     bar.close()
-    writer.close()
-    final = latest_checkpoint(run)
-    print(f"done: {final} (also {run / 'final'}); evaluate with `spa eval --model {run / 'final'}`")
+    log.close()
+    print(f"done: {run / 'final'}; evaluate with `spa eval --model {run / 'final'}`")
     return 0
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log records written after the checkpoint (the interrupted epoch)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _warn_config_changes(cfg: Config, checkpoint: Path) -> None:
     saved_file = checkpoint / "config.yaml"
     if not saved_file.is_file():
         return
-    saved = yaml.safe_load(saved_file.read_text()) or {}
-    changed = {k: (saved[k], v) for k, v in config_to_dict(cfg).items() if k in saved and saved[k] != v and k != "resume"}
+    import yaml
+
+    from spa_rl.config import flatten_values
+
+    try:
+        saved = flatten_values(Config, yaml.safe_load(saved_file.read_text()) or {})
+    except ConfigError:  # written by another version: nothing to compare
+        return
+    now = flatten_values(Config, config_to_dict(cfg))
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k != "resume"}
     for k, (old, new) in changed.items():
         print(f"warning: {k} was {old!r} in {checkpoint.name}, now {new!r}; the new value is used")

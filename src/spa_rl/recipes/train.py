@@ -1,16 +1,18 @@
 """spa train: PPO (with a critic) or GRPO on the text games, from an SFT checkpoint.
 
-    spa train --env sokoban --init runs/sft/checkpoint-epoch-5 --steps 100 --out runs/ppo
-    spa train --config configs/ppo-paper.yaml --init CKPT          # YAML first, flags win
+    spa train --env sokoban --model runs/sft/final --steps 100 --out runs/ppo
+    spa train --config ppo.yaml --model CKPT            # YAML first, flags win
 
-One step, in the order of the algorithm (numbers match the comments below):
-  1. roll out groups x group_size episodes (base prompts, coordinates on) with the current policy;
-  2. score them: summed env rewards plus format penalties, on the last trained token;
-  3. keep the groups with the largest in-group score std (keep_ratio of them);
-  4. old log-probs and values for the kept episodes, under the training forward;
-  5. advantages: token-level GAE with the critic (ppo) or group-normalised scores (grpo), whitened;
-  6. mini-batch updates: critic (clipped value loss), actor (asymmetric + dual clip, entropy bonus).
-Validation on the fixed validation levels every `eval_every` steps and at the end.
+`main` is the algorithm; each numbered phase is a function below it:
+  1. collect   roll out groups x group_size episodes with the current policy;
+  2. score     summed env rewards plus format penalties, one score per episode;
+  3. filter    keep the groups with the largest in-group score std (keep_ratio of them);
+  4. old       old log-probs and values of the kept episodes, under the training forward;
+  5. advantage token-level GAE with the critic (ppo) or group-normalised scores (grpo), whitened;
+  6. update    mini-batch updates: critic (clipped value loss), actor (asymmetric + dual clip,
+               entropy bonus, optional KL to the initial policy);
+  7. validate  on the fixed validation levels (the `spa eval` config and loop), every eval_every;
+  8. save      a checkpoint (spa_rl.artifacts layout), every save_every and at the end.
 
 Departures from the reference (SPEC 5, 8), each a flag:
 - the loss covers the sampled assistant tokens (`loss_tokens=assistant`); `all-after-system`
@@ -25,43 +27,34 @@ Departures from the reference (SPEC 5, 8), each a flag:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from spa_rl.config import option, save_config
-from spa_rl.envs import ENV_NAMES
-from spa_rl.recipes.eval import MODES, RENDERS, env_options_errors
+from spa_rl.config import option, save_config, section
+from spa_rl.sections import EnvSection, EpisodeSection, EvalSection, ModelSection, OptimSection, SamplingSection
 
 
 @dataclass
 class Config:
-    env: str = option("sokoban", "game to train on", choices=ENV_NAMES)
-    init: str = option("default", "starting checkpoint: an SFT folder, 'default', 'tiny' or a hub id")
+    model: ModelSection = section(ModelSection, "the starting policy: an SFT run or checkpoint folder, 'default', "
+                                                "'tiny' or a hub id")
+    env: EnvSection = section(EnvSection, "the game (training and validation)")
+    episode: EpisodeSection = section(EpisodeSection, "how an episode is played (the reference uses base prompts)")
+    sampling: SamplingSection = section(SamplingSection, "rollout sampling (training and validation)")
+    eval: EvalSection = section(EvalSection, "validation levels")
+    optim: OptimSection = section(OptimSection, "the actor's AdamW", lr=1e-6, beta2=0.999, schedule="constant",
+                                  warmup_ratio=0.0)
+    critic_optim: OptimSection = section(OptimSection, "the critic's AdamW (algo ppo)", lr=1e-5, beta2=0.999,
+                                         schedule="constant", warmup_ratio=0.0)
     steps: int = option(1000, "PPO steps")
     algo: str = option("ppo", "ppo (critic + GAE) or grpo (group-normalised scores, no critic)", choices=("ppo", "grpo"))
-    # rollout
     groups: int = option(32, "levels per step")
     group_size: int = option(8, "episodes per level")
     keep_ratio: float = option(0.25, "share of groups kept by in-group score std")
-    level_file: str | None = option(None, "train and validate on the levels of this file instead of generated ones")
-    env_options: str | None = option(None, "game options as YAML, e.g. '{is_slippery: false}'")
-    mode: str = option("base", "prompt mode during RL (the reference uses base)", choices=MODES)
-    render: str = option("grid+coords", "state text", choices=RENDERS)
-    max_turns: int = option(5, "LLM turns per episode")
-    max_actions_per_turn: int = option(5, "actions kept from one answer")
-    action_budget: int | None = option(None, "actions per episode (default: the game's)")
-    max_new_tokens: int = option(400, "token cap for one turn's response")
-    temperature: float = option(1.0, "rollout sampling temperature")
-    top_p: float = option(1.0, "rollout nucleus threshold")
-    top_k: int = option(0, "rollout top-k (0 = off)")
-    batch_size: int = option(64, "episodes generated together")
-    max_context_tokens: int = option(8192, "an episode stops when its next turn would not fit")
-    # objective
     gamma: float = option(1.0, "GAE discount over response tokens")
     lam: float = option(1.0, "GAE lambda")
     clip_low: float = option(0.2, "PPO clip below 1")
@@ -74,40 +67,44 @@ class Config:
     loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-mean"))
     old_logprobs: str = option("recompute", "old log-probs: recompute (training forward) or rollout (sampler)",
                                choices=("recompute", "rollout"))
-    # optimisation
-    actor_lr: float = option(1e-6, "actor AdamW learning rate (constant)")
-    critic_lr: float = option(1e-5, "critic AdamW learning rate (constant)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip")
     ppo_epochs: int = option(1, "passes over the kept episodes per step")
-    mini_batch_size: int = option(0, "episodes per optimizer step (0 = all kept episodes)")
-    micro_batch_size: int = option(1, "episodes per forward/backward (gradient accumulation)")
+    mini_batch: int = option(0, "episodes per optimizer step (0 = all kept episodes)")
+    micro_batch: int = option(1, "episodes per forward/backward (gradient accumulation)")
     gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory)")
-    dtype: str = option("auto", "compute dtype: auto (bf16 autocast where supported), bf16, fp32",
-                        choices=("auto", "bf16", "fp32"))
-    # validation, logging, checkpoints
     eval_every: int = option(10, "validate every N steps (0 = only at the start and the end)")
-    val_levels: int = option(128, "validation levels")
-    val_samples: int = option(8, "episodes per validation level")
     save_every: int = option(100, "checkpoint every N steps (and at the end)")
     seed: int = option(0, "seed for sampling and mini-batch order")
     out: str = option("runs/train", "output folder")
-    resume: bool = option(False, "continue from the checkpoint in --out")
+    resume: bool = option(False, "continue from the last checkpoint in --out")
 
     def check(self) -> list[str]:
-        errors = env_options_errors(self.env_options)
-        for name in ("steps", "groups", "group_size", "max_turns", "max_new_tokens", "micro_batch_size", "ppo_epochs"):
+        errors = []
+        for name in ("steps", "groups", "group_size", "micro_batch", "ppo_epochs"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             errors.append(f"group_size must be >= 2 (filtering and GRPO compare episodes of a level), got {self.group_size}")
         if not 0 < self.keep_ratio <= 1:
             errors.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        kept = max(1, int(self.keep_ratio * self.groups)) * self.group_size
-        if self.mini_batch_size > kept:
-            errors.append(f"mini_batch_size {self.mini_batch_size} exceeds the {kept} episodes kept per step "
+        if self.mini_batch > self.kept_episodes:
+            errors.append(f"mini_batch {self.mini_batch} exceeds the {self.kept_episodes} episodes kept per step "
                           f"(groups x group_size x keep_ratio)")
         return errors
+
+    @property
+    def kept_episodes(self) -> int:
+        return max(1, int(self.keep_ratio * self.groups)) * self.group_size
+
+
+def eval_config(cfg: Config):
+    """The validation's config: a real `spa eval` config, validated as `spa eval` validates it."""
+    from spa_rl.config import validate
+    from spa_rl.rollout.evaluation import EvalConfig
+
+    ec = EvalConfig(model=cfg.model, env=cfg.env, episode=cfg.episode, sampling=cfg.sampling, eval=cfg.eval,
+                    seed=cfg.seed, out=cfg.out)
+    validate(ec)
+    return ec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +135,48 @@ def loss_mask_for(rollout, chat, loss_tokens: str) -> list[int]:
     return mask
 
 
-def build_batch(rollouts, chat, cfg, pad_id):
-    """Tensors for the kept episodes. Rewards: the episode score on its last trained token."""
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PPOBatch:
+    """The kept episodes of one step as right-padded tensors: B episodes, T = the longest.
+
+    Filled phase by phase: `build_batch` (1-3), `old_outputs` (4), `add_advantages` (5)."""
+
+    input_ids: torch.Tensor           # (B, T) long: the exact ids of each episode, sampled ones included
+    attention_mask: torch.Tensor      # (B, T) long: 1 on real tokens
+    mask: torch.Tensor                # (B, T) float: 1 on the tokens the losses cover (never position 0)
+    rewards: torch.Tensor             # (B, T) float: the episode's score on its last covered token
+    rollout_logprobs: torch.Tensor    # (B, T) float: the sampler's log-probs (0 elsewhere)
+    scores: torch.Tensor              # (B,) float: the episode scores
+    group_ids: torch.Tensor           # (B,) long: the group (level) of each episode
+    old_logprobs: torch.Tensor | None = None  # (B, T) float: log-probs the ratio divides by
+    old_values: torch.Tensor | None = None    # (B, T) float: critic values before the update
+    ref_logprobs: torch.Tensor | None = None  # (B, T) float: the initial policy's (kl_coef > 0)
+    advantages: torch.Tensor | None = None    # (B, T) float: whitened, 0 off the mask
+    returns: torch.Tensor | None = None       # (B, T) float: value targets (algo ppo)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "PPOBatch":
+        """The episodes `idx` (a mini- or micro-batch)."""
+        return PPOBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                           for f in fields(self)})
+
+
+@dataclass
+class Models:
+    actor: torch.nn.Module            # fp32 master weights, trained under bf16 autocast where supported
+    rollout_model: torch.nn.Module    # what samples: a bf16 copy of the actor, or the actor itself
+    critic: "Critic | None"
+    ref: torch.nn.Module | None
+    tokenizer: object
+    chat: object
+    bf16: bool
+
+
+def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) -> PPOBatch:
+    """Tensors for the kept episodes. Rewards: the episode score on its last covered token."""
     from spa_rl.training import pad_batch
 
     masks = [loss_mask_for(r, chat, cfg.loss_tokens) for r in rollouts]
@@ -149,150 +186,152 @@ def build_batch(rollouts, chat, cfg, pad_id):
     rollout_logprobs = torch.zeros(input_ids.shape, dtype=torch.float32)
     for b, r in enumerate(rollouts):
         last = max(i for i, m in enumerate(masks[b]) if m)
-        rewards[b, last] = float(r.episode.score)
+        rewards[b, last] = float(scores[b])
         rollout_logprobs[b, :len(r.sequence)] = torch.tensor(r.sequence.logprobs)
-    return dict(input_ids=input_ids, attention_mask=attention, mask=mask.float(), rewards=rewards,
-                rollout_logprobs=rollout_logprobs)
+    return PPOBatch(input_ids=input_ids, attention_mask=attention, mask=mask.float(), rewards=rewards,
+                    rollout_logprobs=rollout_logprobs, scores=scores.float(),
+                    group_ids=torch.tensor([r.group for r in rollouts]))
 
 
-def autocast(cfg_dtype: str):
-    from spa_rl.models import resolve_dtype
-    use_bf16 = resolve_dtype(cfg_dtype) == torch.bfloat16
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
+# ---- 1. collect ------------------------------------------------------------------------------
+def collect(models: Models, cfg: Config, step: int) -> list:
+    """Play `groups x group_size` episodes. Level seeds advance by `groups` each step and
+    sampling is seeded by the step, so a resumed run draws the episodes an uninterrupted one would."""
+    from spa_rl.rollout.engine import run_rollouts
+    from spa_rl.rollout.setup import make_backend, make_level_episodes, sampling_params
+
+    backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+    episodes = make_level_episodes(cfg.env, cfg.episode, "train", step * cfg.groups, cfg.groups, cfg.group_size)
+    return run_rollouts(episodes, backend, models.chat, sampling_params(cfg.sampling),
+                        cfg.episode.max_context_tokens)
+
+
+# ---- 2. score, 3. filter ---------------------------------------------------------------------
+def score(rollouts) -> torch.Tensor:
+    """Env rewards plus format penalties, per episode (the reference's filter input, SPEC 8.9)."""
+    return torch.tensor([float(r.episode.score) for r in rollouts])
+
+
+def keep_groups(scores: torch.Tensor, cfg: Config) -> tuple[list[int], dict]:
+    """Indices of the episodes of the groups whose scores disagree most, and the filter's stats."""
+    from spa_rl.algorithms import episode_indices, select_groups_by_reward_std
+
+    kept, stats = select_groups_by_reward_std(scores, cfg.group_size, cfg.keep_ratio)
+    return episode_indices(kept, cfg.group_size).tolist(), stats
+
+
+# ---- 4. old log-probs and values -------------------------------------------------------------
 @torch.no_grad()
-def forward_no_grad(actor, critic, batch, cfg, micro: int):
-    """Old log-probs (training forward) and old values, micro-batch by micro-batch."""
+def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int):
+    """Log-probs (training forward) and values, micro-batch by micro-batch."""
     from spa_rl.training import token_logprobs
 
-    B = batch["input_ids"].shape[0]
-    logprobs = torch.zeros_like(batch["rewards"])
-    values = torch.zeros_like(batch["rewards"])
-    for s in range(0, B, micro):
+    logprobs = torch.zeros_like(batch.rewards)
+    values = torch.zeros_like(batch.rewards)
+    for s in range(0, len(batch), micro):
         sl = slice(s, s + micro)
-        with autocast(cfg.dtype):
-            logprobs[sl] = token_logprobs(actor, batch["input_ids"][sl], batch["attention_mask"][sl],
-                                          batch["mask"][sl])
+        with autocast(bf16):
+            logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl])
             if critic is not None:
-                values[sl] = critic(batch["input_ids"][sl], batch["attention_mask"][sl])
-    return logprobs, values * batch["mask"]
+                values[sl] = critic(batch.input_ids[sl], batch.attention_mask[sl])
+    return logprobs, values * batch.mask
 
 
-def ppo_update(actor, critic, actor_opt, critic_opt, batch, cfg, generator) -> dict:
-    """Step 6: mini-batch updates over the kept episodes; returns mean stats."""
+def old_outputs(models: Models, batch: PPOBatch, cfg: Config) -> float:
+    """Fill old_logprobs, old_values (and ref_logprobs); return the mean |training - sampler|
+    log-prob gap on the covered tokens."""
+    logprobs, values = forward_no_grad(models.actor, models.critic, batch, models.bf16, cfg.micro_batch)
+    mask = batch.mask
+    gap = ((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+    batch.old_logprobs = logprobs if cfg.old_logprobs == "recompute" else batch.rollout_logprobs * mask
+    batch.old_values = values
+    if models.ref is not None:
+        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, models.bf16, cfg.micro_batch)[0]
+    return gap.item()
+
+
+# ---- 5. advantages ---------------------------------------------------------------------------
+def add_advantages(batch: PPOBatch, cfg: Config) -> None:
+    from spa_rl.algorithms import gae, grpo_advantages, whiten
+
+    mask = batch.mask
+    if cfg.algo == "ppo":
+        advantages, batch.returns = gae(batch.rewards, batch.old_values, mask, cfg.gamma, cfg.lam)
+    else:
+        advantages = grpo_advantages(batch.scores, batch.group_ids)[:, None] * mask
+    batch.advantages = whiten(advantages, mask) if mask.sum() > 1 else advantages
+
+
+# ---- 6. update -------------------------------------------------------------------------------
+def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config, generator) -> dict:
+    """Mini-batch updates over the kept episodes, `ppo_epochs` times; returns mean stats."""
     from spa_rl.algorithms import masked_mean, ppo_policy_loss, value_loss
     from spa_rl.training import token_logprobs
 
-    B = batch["input_ids"].shape[0]
-    mb = cfg.mini_batch_size or B
+    actor, critic = models.actor, models.critic
+    B = len(batch)
+    mb = cfg.mini_batch or B
     stats: dict[str, list[float]] = {}
+
+    def record(prefix, values):
+        for k, v in values.items():
+            stats.setdefault(f"{prefix}/{k}", []).append(float(v))
+
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator)
         for m in range(0, B, mb):
             mb_idx = order[m:m + mb]
-            n_micro = math.ceil(len(mb_idx) / cfg.micro_batch_size)
-            for opt in (actor_opt, critic_opt):
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-            for u in range(0, len(mb_idx), cfg.micro_batch_size):
-                idx = mb_idx[u:u + cfg.micro_batch_size]
-                mb_b = {k: v[idx] for k, v in batch.items()}
-                with autocast(cfg.dtype):
-                    logprobs, entropy = token_logprobs(actor, mb_b["input_ids"], mb_b["attention_mask"],
-                                                       mb_b["mask"], return_entropy=True)
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, mb_b["old_logprobs"], mb_b["advantages"],
-                                                    mb_b["mask"], cfg.clip_low, cfg.clip_high,
+            n_micro = math.ceil(len(mb_idx) / cfg.micro_batch)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            for u in range(0, len(mb_idx), cfg.micro_batch):
+                part = batch.select(mb_idx[u:u + cfg.micro_batch])
+                with autocast(models.bf16):
+                    logprobs, entropy = token_logprobs(actor, part.input_ids, part.attention_mask, part.mask,
+                                                       return_entropy=True)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, part.mask,
+                                                    cfg.clip_low, cfg.clip_high,
                                                     cfg.dual_clip if cfg.dual_clip > 1 else None, cfg.loss_agg)
                 loss = pg_loss
-                mean_entropy = masked_mean(entropy, mb_b["mask"])
+                mean_entropy = masked_mean(entropy, part.mask)
                 pg_stats["entropy"] = mean_entropy.detach()
                 if cfg.entropy_coef:
                     loss = loss - cfg.entropy_coef * mean_entropy
                 if cfg.kl_coef:
-                    log_r = mb_b["ref_logprobs"] - logprobs
-                    kl = masked_mean(torch.exp(log_r) - log_r - 1, mb_b["mask"])  # k3 estimator
+                    log_r = part.ref_logprobs - logprobs
+                    kl = masked_mean(torch.exp(log_r) - log_r - 1, part.mask)  # k3 estimator
                     loss = loss + cfg.kl_coef * kl
                     pg_stats["kl_to_ref"] = kl.detach()
                 (loss / n_micro).backward()
                 pg_stats["pg_loss"] = pg_loss.detach()
-                for k, v in pg_stats.items():
-                    stats.setdefault(f"actor/{k}", []).append(float(v))
+                record("actor", pg_stats)
                 if critic is not None:
-                    with autocast(cfg.dtype):
-                        values = critic(mb_b["input_ids"], mb_b["attention_mask"])
-                    vf_loss, vf_stats = value_loss(values, mb_b["old_values"], mb_b["returns"], mb_b["mask"],
+                    with autocast(models.bf16):
+                        values = critic(part.input_ids, part.attention_mask)
+                    vf_loss, vf_stats = value_loss(values, part.old_values, part.returns, part.mask,
                                                    cfg.value_clip, cfg.loss_agg)
                     (vf_loss / n_micro).backward()
                     vf_stats["vf_loss"] = vf_loss.detach()
-                    for k, v in vf_stats.items():
-                        stats.setdefault(f"critic/{k}", []).append(float(v))
-            gn = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.grad_clip)
-            stats.setdefault("actor/grad_norm", []).append(float(gn))
-            actor_opt.step()
-            if critic is not None:
-                gn = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-                stats.setdefault("critic/grad_norm", []).append(float(gn))
-                critic_opt.step()
+                    record("critic", vf_stats)
+            for name, module, section in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
+                if module is None:
+                    continue
+                clip = section.grad_clip if section.grad_clip > 0 else float("inf")
+                record(name, {"grad_norm": torch.nn.utils.clip_grad_norm_(module.parameters(), clip)})
+                optimizers[name].step()
+                schedulers[name].step()
     return {k: sum(v) / len(v) for k, v in stats.items() if v and not all(math.isnan(x) for x in v)}
 
 
-# ---------------------------------------------------------------------------------------------
-def eval_config(cfg: Config):
-    from spa_rl.recipes.eval import Config as EvalConfig
-    return EvalConfig(env=cfg.env, model=cfg.init, mode=cfg.mode, render=cfg.render, levels=cfg.val_levels,
-                      samples=cfg.val_samples, max_turns=cfg.max_turns, max_actions_per_turn=cfg.max_actions_per_turn,
-                      action_budget=cfg.action_budget, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                      max_context_tokens=cfg.max_context_tokens, seed=cfg.seed, out=cfg.out,
-                      level_file=cfg.level_file, env_options=cfg.env_options)
+# ---- 7. validate, 8. save --------------------------------------------------------------------
+def validate(models: Models, cfg: Config, step: int, log) -> dict:
+    from spa_rl.rollout.evaluation import evaluate
 
-
-def save_checkpoint(out: Path, step: int, actor, tokenizer, critic, actor_opt, critic_opt, cfg) -> None:
-    from safetensors.torch import save_file
-
-    from spa_rl.checkpoint import atomic_dir
-    from spa_rl.config import config_to_dict
-
-    with atomic_dir(out / "checkpoint") as tmp:
-        actor.save_pretrained(tmp / "actor", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "actor")
-        save_config(cfg, tmp / "actor")
-        if critic is not None:
-            save_file({k: v.contiguous() for k, v in critic.state_dict().items()}, str(tmp / "critic.safetensors"))
-        torch.save({"step": step, "actor_opt": actor_opt.state_dict(),
-                    "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
-                    "torch_rng": torch.get_rng_state(), "config": config_to_dict(cfg)}, tmp / "trainer_state.pt")
-
-
-class MetricsLog:
-    """metrics.jsonl (one line per step or validation) plus TensorBoard scalars."""
-
-    def __init__(self, out: Path, keep_until_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = out / "metrics.jsonl"
-        if keep_until_step is not None and self.path.exists():  # resume: drop what will be redone
-            from spa_rl.config import atomic_write_text
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.writer = SummaryWriter(str(out / "tb"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-
-def validate(rollout_model, tokenizer, cfg, step: int, log: MetricsLog) -> dict:
-    from spa_rl.recipes.eval import evaluate
-
-    metrics, _ = evaluate(rollout_model, tokenizer, eval_config(cfg), split="val", show_progress=False)
+    metrics, _ = evaluate(models.rollout_model, models.tokenizer, eval_config(cfg), split="val", show_progress=False)
     metrics = {f"val/{k}": v for k, v in metrics.items()}
     log.log(step, metrics)
     print(f"step {step}: val pass@1 {metrics['val/pass@1']:.3f}  " +
@@ -300,122 +339,134 @@ def validate(rollout_model, tokenizer, cfg, step: int, log: MetricsLog) -> dict:
     return metrics
 
 
-def main(cfg: Config) -> int:
-    from safetensors.torch import load_file
+def save(out: Path, step: int, models: Models, optimizers: dict, schedulers: dict, cfg: Config) -> None:
+    from spa_rl.artifacts import checkpoint_dir, finish_checkpoint, save_checkpoint
+    from spa_rl.config import config_to_dict
+    from spa_rl.training import rng_state
 
-    from spa_rl.algorithms import episode_indices, gae, grpo_advantages, select_groups_by_reward_std, whiten
-    from spa_rl.checkpoint import find_complete
-    from spa_rl.errors import ConfigError
+    state = {"counters": {"step": step}, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+             "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "rng": rng_state()}
+    extra = {"critic": models.critic} if models.critic is not None else {}
+    path = save_checkpoint(checkpoint_dir(out, "step", step), models.actor, models.tokenizer, config_to_dict(cfg),
+                           state, extra_modules=extra)
+    finish_checkpoint(out, path, extra_modules=("critic",))
+
+
+# ---- set-up ----------------------------------------------------------------------------------
+def load_models(cfg: Config, resume_from: Path | None) -> Models:
+    """The actor trains in fp32 master weights (bf16 autocast compute); rollouts use a bf16 copy
+    refreshed after every update, because casting 135M weights per decoded token under autocast
+    would cost more than the copy."""
+    from spa_rl.artifacts import load_extra_module
     from spa_rl.models import load_model_and_tokenizer, resolve_dtype
-    from spa_rl.recipes.eval import episode_config, parse_env_options, sampling_params
-    from spa_rl.rollout.backend import HFBackend
-    from spa_rl.rollout.engine import make_episodes, run_rollouts
     from spa_rl.tokens import ChatTokenizer
+    from spa_rl.training import enable_activation_checkpointing
 
-    out = Path(cfg.out)
-    ckpt = find_complete(out / "checkpoint") if cfg.resume else None
-    if not cfg.resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    torch.manual_seed(cfg.seed)
-
-    # Models: the actor trains in fp32 master weights (bf16 autocast compute); rollouts use a
-    # bf16 copy refreshed after every update, because casting 135M weights per decoded token
-    # under autocast would cost more than the copy.
-    actor, tokenizer = load_model_and_tokenizer(str(ckpt / "actor") if ckpt else cfg.init, dtype="fp32")
+    actor, tokenizer = load_model_and_tokenizer(str(resume_from) if resume_from else cfg.model.name, dtype="fp32")
     critic = Critic(copy.deepcopy(actor.get_decoder()), actor.config.hidden_size) if cfg.algo == "ppo" else None
-    ref = load_model_and_tokenizer(cfg.init, dtype="fp32")[0].eval() if cfg.kl_coef else None
+    if critic is not None and resume_from is not None:
+        load_extra_module(resume_from, "critic", critic)
+    ref = load_model_and_tokenizer(cfg.model.name, dtype="fp32")[0].eval() if cfg.kl_coef else None
     if cfg.gradient_checkpointing:
-        from spa_rl.training import enable_activation_checkpointing
         enable_activation_checkpointing(actor)
         if critic is not None:
             enable_activation_checkpointing(critic.backbone)
     actor.config.use_cache = False
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay) if critic else None
-    start = 0
-    if ckpt:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        start = state["step"]
-        actor_opt.load_state_dict(state["actor_opt"])
-        if critic is not None:
-            critic.load_state_dict(load_file(str(ckpt / "critic.safetensors")))
-            critic_opt.load_state_dict(state["critic_opt"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resuming {out} from step {start}")
-    bf16 = resolve_dtype(cfg.dtype) == torch.bfloat16
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if bf16 else actor
-    chat = ChatTokenizer(tokenizer)
-    log = MetricsLog(out, keep_until_step=start if ckpt else None)
-    kept_groups = max(1, int(cfg.keep_ratio * cfg.groups))
-    print(f"{cfg.algo} on {cfg.env}: {cfg.groups}x{cfg.group_size} episodes per step, {kept_groups * cfg.group_size} "
-          f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; compute {'bf16' if bf16 else 'fp32'}")
-    actor.eval()
+    return Models(actor=actor, rollout_model=rollout_model, critic=critic, ref=ref, tokenizer=tokenizer,
+                  chat=ChatTokenizer(tokenizer), bf16=bf16)
+
+
+def make_optimizers(models: Models, cfg: Config) -> tuple[dict, dict]:
+    from spa_rl.training import optimizer_and_schedule
+
+    updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.kept_episodes / (cfg.mini_batch or cfg.kept_episodes))
+    optimizers, schedulers = {}, {}
+    for name, module, optim in (("actor", models.actor, cfg.optim), ("critic", models.critic, cfg.critic_optim)):
+        if module is not None:
+            optimizers[name], schedulers[name] = optimizer_and_schedule(module, optim, updates)
+    return optimizers, schedulers
+
+
+def restore(resume_from: Path, optimizers: dict, schedulers: dict) -> int:
+    """Optimizer, schedule and RNG state of a checkpoint (the weights are loaded with the
+    models); returns the step it was taken at."""
+    from spa_rl.artifacts import load_trainer_state
+    from spa_rl.training import set_rng_state
+
+    state = load_trainer_state(resume_from)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+        schedulers[name].load_state_dict(state["schedulers"][name])
+    set_rng_state(state["rng"])
+    return state["counters"]["step"]
+
+
+def step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing) -> dict:
+    n_tokens = sum(r.response_tokens for r in rollouts)
+    return {
+        "rollout/score_mean": scores.mean().item(),
+        "rollout/success": sum(bool(r.episode.success) for r in rollouts) / len(rollouts),
+        "rollout/num_actions": sum(r.episode.num_actions for r in rollouts) / len(rollouts),
+        "rollout/response_tokens": n_tokens / len(rollouts),
+        "rollout/truncated_turn_rate": (sum(t.finish_reason == "length" for r in rollouts for t in r.turns)
+                                        / max(1, sum(len(r.turns) for r in rollouts))),
+        "rollout/generated_tokens_per_s": n_tokens / timing["time/rollout_s"],
+        "rollout/logprob_gap": gap,
+        **{f"rollout/{k}": v for k, v in filter_stats.items()},
+        **update_stats, **timing,
+    }
+
+
+# ---- the algorithm ---------------------------------------------------------------------------
+def main(cfg: Config) -> int:
+    from spa_rl.artifacts import MetricsLog, check_new_or_resume
+
+    out = Path(cfg.out)
+    eval_config(cfg)  # the validation's config is valid before any work
+    resume_from = check_new_or_resume(out, cfg.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    torch.manual_seed(cfg.seed)
+    models = load_models(cfg, resume_from)
+    optimizers, schedulers = make_optimizers(models, cfg)
+    start = restore(resume_from, optimizers, schedulers) if resume_from else 0
+    if resume_from:
+        print(f"resuming {out} from step {start} ({resume_from.name})")
+    log = MetricsLog(out, resume_step=start if resume_from else None)
+    print(f"{cfg.algo} on {cfg.env.name}: {cfg.groups}x{cfg.group_size} episodes per step, {cfg.kept_episodes} "
+          f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; "
+          f"compute {'bf16' if models.bf16 else 'fp32'}")
+    models.actor.eval()
     if start == 0:
-        validate(rollout_model, tokenizer, cfg, 0, log)
+        validate(models, cfg, 0, log)
 
     for step in range(start, cfg.steps):
-        timing, t0 = {}, time.perf_counter()
-        # 1. Rollout: level seeds advance by `groups` each step; sampling seeded by the step, so a
-        #    resumed run draws the same episodes as an uninterrupted one.
-        backend = HFBackend(rollout_model, tokenizer, max_batch_size=cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
-        episodes = make_episodes(cfg.env, "train", step * cfg.groups, cfg.groups, cfg.group_size, episode_config(cfg),
-                                 env_options=parse_env_options(cfg.env_options), level_file=cfg.level_file)
-        rollouts = run_rollouts(episodes, backend, chat, sampling_params(cfg), cfg.max_context_tokens)
-        timing["time/rollout_s"] = time.perf_counter() - t0
-        # 2. Scores: env rewards plus format penalties (the reference's filter input, SPEC 8.9).
+        t0 = time.perf_counter()
+        rollouts = collect(models, cfg, step)                                        # 1
+        timing = {"time/rollout_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        scores = torch.tensor([float(r.episode.score) for r in rollouts])
-        # 3. Keep the groups whose episodes disagree most.
-        kept, filter_stats = select_groups_by_reward_std(scores, cfg.group_size, cfg.keep_ratio)
-        kept_idx = episode_indices(kept, cfg.group_size)
-        kept_rollouts = [rollouts[i] for i in kept_idx.tolist()]
-        batch = build_batch(kept_rollouts, chat, cfg, tokenizer.pad_token_id)
+        scores = score(rollouts)                                                     # 2
+        kept, filter_stats = keep_groups(scores, cfg)                                # 3
+        batch = build_batch([rollouts[i] for i in kept], scores[kept], models.chat, cfg,
+                            models.tokenizer.pad_token_id)
         timing["time/scoring_s"] = time.perf_counter() - t1
-        # 4. Old log-probs and values under the training forward.
         t2 = time.perf_counter()
-        old_logprobs, old_values = forward_no_grad(actor, critic, batch, cfg, cfg.micro_batch_size)
-        mask = batch["mask"]
-        gap = ((old_logprobs - batch["rollout_logprobs"]).abs() * mask).sum() / mask.sum().clamp(min=1)
-        batch["old_logprobs"] = old_logprobs if cfg.old_logprobs == "recompute" else batch["rollout_logprobs"] * mask
-        batch["old_values"] = old_values
-        if ref is not None:
-            batch["ref_logprobs"] = forward_no_grad(ref, None, batch, cfg, cfg.micro_batch_size)[0]
-        # 5. Advantages.
-        if critic is not None:
-            advantages, returns = gae(batch["rewards"], old_values, mask, cfg.gamma, cfg.lam)
-            batch["returns"] = returns
-        else:
-            group_ids = torch.tensor([r.group for r in kept_rollouts])
-            per_episode = grpo_advantages(scores[kept_idx], group_ids)
-            advantages = per_episode[:, None] * mask
-        batch["advantages"] = whiten(advantages, mask) if mask.sum() > 1 else advantages
-        # 6. Updates.
-        actor.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        update_stats = ppo_update(actor, critic, actor_opt, critic_opt, batch, cfg, gen)
-        # Back to eval mode: in train mode with gradient checkpointing, transformers turns the KV
-        # cache off, and the next rollout (or validation) would decode without its context.
-        actor.eval()
-        if rollout_model is not actor:
-            rollout_model.load_state_dict(actor.state_dict())
+        gap = old_outputs(models, batch, cfg)                                        # 4
+        add_advantages(batch, cfg)                                                   # 5
+        # 6. In train mode only for the update: with activation checkpointing, transformers
+        # turns the KV cache off in train mode, and sampling would decode without its context.
+        models.actor.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator)
+        models.actor.eval()
+        if models.rollout_model is not models.actor:
+            models.rollout_model.load_state_dict(models.actor.state_dict())
         timing["time/update_s"] = time.perf_counter() - t2
         timing["time/step_s"] = time.perf_counter() - t0
 
-        n_tokens = sum(r.response_tokens for r in rollouts)
-        metrics = {
-            "rollout/score_mean": scores.mean().item(),
-            "rollout/success": sum(bool(r.episode.success) for r in rollouts) / len(rollouts),
-            "rollout/num_actions": sum(r.episode.num_actions for r in rollouts) / len(rollouts),
-            "rollout/response_tokens": n_tokens / len(rollouts),
-            "rollout/truncated_turn_rate": (sum(t.finish_reason == "length" for r in rollouts for t in r.turns)
-                                            / max(1, sum(len(r.turns) for r in rollouts))),
-            "rollout/generated_tokens_per_s": n_tokens / timing["time/rollout_s"],
-            "rollout/logprob_gap": gap.item(),
-            **{f"rollout/{k}": v for k, v in filter_stats.items()},
-            **update_stats, **timing,
-        }
+        metrics = step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing)
         log.log(step + 1, metrics)
         print(f"step {step + 1}/{cfg.steps}: score {metrics['rollout/score_mean']:.3f} success "
               f"{metrics['rollout/success']:.3f} pg_loss {update_stats.get('actor/pg_loss', float('nan')):.4f} "
@@ -423,9 +474,9 @@ def main(cfg: Config) -> int:
         # Validate before saving: a run killed in between redoes both from the previous checkpoint.
         last = step + 1 == cfg.steps
         if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            validate(rollout_model, tokenizer, cfg, step + 1, log)
+            validate(models, cfg, step + 1, log)                                     # 7
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(out, step + 1, actor, tokenizer, critic, actor_opt, critic_opt, cfg)
-    log.writer.close()
-    print(f"done: {out / 'checkpoint' / 'actor'} ; metrics in {out / 'metrics.jsonl'}")
+            save(out, step + 1, models, optimizers, schedulers, cfg)                 # 8
+    log.close()
+    print(f"done: {out / 'final'} ; metrics in {out / 'metrics.jsonl'}")
     return 0

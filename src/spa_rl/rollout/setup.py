@@ -1,0 +1,31 @@
+"""From config sections to the rollout machinery, for every stage that plays (eval, generate,
+train): the sampling parameters, the generation backend, and the episodes of a block of levels.
+Stages call these instead of building backends and episodes themselves."""
+
+from __future__ import annotations
+
+from spa_rl.sections import EnvSection, EpisodeSection, SamplingSection
+
+
+def sampling_params(sampling: SamplingSection):
+    from spa_rl.rollout.backend import SamplingParams
+
+    return SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k, stop_strings=tuple(sampling.stop_strings))
+
+
+def make_backend(model, tokenizer, sampling: SamplingSection, seed: int):
+    """The generation backend for `model` (token ids in; token ids and log-probs out)."""
+    from spa_rl.rollout.backend import HFBackend
+
+    return HFBackend(model, tokenizer, max_batch_size=sampling.decode_batch, seed=seed)
+
+
+def make_level_episodes(env: EnvSection, episode: EpisodeSection, split: str, first_level: int, levels: int,
+                        samples: int) -> list:
+    """(group, Episode) pairs: `samples` episodes on each of `levels` levels of the `split` seed
+    stream (or of `env.level_file`), starting at level index `first_level`."""
+    from spa_rl.rollout.engine import make_episodes
+
+    return make_episodes(env.name, split, first_level, levels, samples, episode.to_episode_config(),
+                         env_options=env.option_values, level_file=env.level_file)
