@@ -193,3 +193,16 @@ def test_unknown_env_and_missing_variable():
         PromptSet.load("chess")
     with pytest.raises(ConfigError, match=r"placeholder \{last_row\}"):
         PromptSet.load("sokoban").instruction("world-model", {})
+
+
+def test_frozenlake_prompt_follows_the_slip_setting():
+    from spa_rl.agent import Episode, EpisodeConfig, PromptSet
+    from spa_rl.envs import make
+
+    def first_user(**options):
+        env = make("frozenlake", render_mode="grid+coords", **options)
+        return Episode(env, 0, EpisodeConfig(), PromptSet.load("frozenlake")).messages[1]["content"]
+
+    assert "The ice is slippery" in first_user()
+    firm = first_user(is_slippery=False)
+    assert "not slippery" in firm and "The ice is slippery" not in firm

@@ -113,10 +113,15 @@ class PromptSet:
             if key not in data:
                 raise ConfigError(f"{source}: missing key {key!r}")
 
+        variants = data.get("variants") or {}
+        if not isinstance(variants, dict) or not all(
+                isinstance(v, dict) and all(isinstance(t, str) for t in v.values()) for v in variants.values()):
+            raise ConfigError(f"{source}: key 'variants' must map a placeholder to {{option: text}}")
+
         def text_at(value: Any, key: str) -> str:
             if not isinstance(value, str):
                 raise ConfigError(f"{source}: key {key!r} must be a string, got {type(value).__name__}")
-            _check_placeholders(value, source, key)
+            _check_placeholders(value, source, key, extra=set(variants))
             return value
 
         def per_mode(key: str) -> dict[str, str]:
@@ -241,8 +246,18 @@ class PromptSet:
         )
 
     def _fill(self, template: str, key: str, variables: dict[str, Any]) -> str:
+        # `variants` (optional YAML key): a placeholder whose text depends on the game's settings,
+        # chosen by the env's `prompt_variables()` (FrozenLake: {ice} by is_slippery).
+        variants = self.extra.get("variants") or {}
+
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
+            if name in variants:
+                choice = variables.get(name)
+                if choice not in variants[name]:
+                    raise ConfigError(f"{self.source}: variants.{name} has no text for {choice!r} "
+                                      f"(has: {', '.join(map(str, variants[name]))})")
+                return self._fill(variants[name][choice], f"variants.{name}.{choice}", variables)
             if name not in variables:
                 available = ", ".join(sorted(variables)) or "none"
                 raise ConfigError(
@@ -301,10 +316,10 @@ _KNOWN_PLACEHOLDERS = {
 }
 
 
-def _check_placeholders(text: str, source: str, key: str) -> None:
+def _check_placeholders(text: str, source: str, key: str, extra: set[str] = frozenset()) -> None:
     """Fail at load time on a misspelt placeholder rather than at the first episode."""
     for name in _PLACEHOLDER.findall(text):
-        if name not in _KNOWN_PLACEHOLDERS:
+        if name not in _KNOWN_PLACEHOLDERS and name not in extra:
             raise ConfigError(
                 f"{source}: key {key!r} uses unknown placeholder {{{name}}}; "
                 f"known: {', '.join(sorted(_KNOWN_PLACEHOLDERS))}"

@@ -387,6 +387,10 @@ class FrozenLakeEnv(TextGameEnv):
         values, policy = self._dp_cache[1]
         return values[: budget + 1], policy[: budget + 1]
 
+    def prompt_variables(self) -> dict:
+        """The prompt's {ice} sentence follows the slip setting (agent/prompts/frozenlake.yaml)."""
+        return {"ice": "slippery" if self.is_slippery and self.success_rate < 1.0 else "firm"}
+
     def expert_actions(self, max_actions: int) -> list[str]:
         """The DP-optimal action for the current cell with `max_actions` actions left.
 
