@@ -24,6 +24,7 @@ COMMANDS = {
     "sft": ("spa_rl.recipes.sft", "supervised finetuning on a generated dataset"),
     "train": ("spa_rl.recipes.train", "PPO or GRPO from a checkpoint, with periodic validation"),
     "pipeline": ("spa_rl.recipes.pipeline", "generate, sft, train and eval in order, resumable"),
+    "experiment": ("spa_rl.recipes.experiment", "a matrix of arms x seeds over presets, resumable, with RESULTS.md"),
     "report": ("spa_rl.recipes.report", "report.md with plots for one or more run folders"),
     "demo": ("spa_rl.recipes.demo", "the main job on the embedded default model (what `make demo` runs)"),
 }

@@ -222,8 +222,19 @@ def test_config_errors():
         Config(episode={"render": "grid"}, random_coords=True)
     with pytest.raises(ConfigError, match="env.options"):
         Config(env={"options": "[1, 2]"})
-    with pytest.raises(ConfigError, match="episode.mode must be world-model"):
-        Config(episode={"mode": "base"})
+    with pytest.raises(ConfigError, match="format-only"):
+        Config(episode={"mode": "base"})  # the model's own play: world-model mode only
+
+
+def test_base_mode_gives_format_only_rows(tmp_path):
+    out = tmp_path / "data"
+    assert main(Config(env="sokoban", policy="solver", episodes=4, group_size=1, episode={"mode": "base"},
+                       out=str(out))) == 0
+    rows = load_rows(out, "train") + load_rows(out, "validation")
+    assert rows and all(r["format_ok"] and not r["substituted"] for r in rows)
+    for r in rows:
+        text = r["completion"][0]["content"]
+        assert "<answer>" in text and "<observation>" not in text and "<prediction>" not in text
 
 
 def test_any_episode_count_works(tmp_path):

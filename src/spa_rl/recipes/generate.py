@@ -39,7 +39,8 @@ COORDINATE_BASE = {"sudoku": 1}  # Sudoku coordinates are 1-indexed; the grids' 
 class Config:
     model: ModelSection = section(ModelSection, "the model that plays (policy self only)")
     env: EnvSection = section(EnvSection, "the game")
-    episode: EpisodeSection = section(EpisodeSection, "how an episode is played (world-model prompts)",
+    episode: EpisodeSection = section(EpisodeSection, "how an episode is played (world-model prompts; base with "
+                                                      "the random or solver policy gives format-only data)",
                                       mode="world-model")
     sampling: SamplingSection = section(SamplingSection, "how responses are sampled (policy self only)")
     policy: str = option("self", "who chooses the actions: the model (self), uniform random, or the game's solver",
@@ -60,9 +61,9 @@ class Config:
         for name in ("episodes", "group_size", "random_actions"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.episode.mode != "world-model":
-            errors.append(f"episode.mode must be world-model (the data teaches the world-model format), got "
-                          f"{self.episode.mode}")
+        if self.episode.mode != "world-model" and (self.policy == "self" or self.self_belief):
+            errors.append("episode.mode base (a format-only warm-up, no world-model content) needs policy random "
+                          "or solver")
         if not 0 <= self.val_fraction < 1:
             errors.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.random_coords and self.episode.render != "grid+coords":
@@ -89,7 +90,9 @@ def scripted_response(episode, policy: str, rng: random.Random, random_actions: 
     else:  # the random policy, or a solver with no plan left (e.g. a box pushed into a corner)
         actions = [random_action(env, rng, episode.variables) for _ in range(min(random_actions, per_turn))]
         reasoning = episode.prompts.random_policy_reasoning
-    return serialize_response("world-model", reasoning, " || ".join(actions), state, "")  # starts with <think>
+    # world-model: the observation is the current state, the prediction is filled by substitution;
+    # base (a format-only warm-up): think and answer only
+    return serialize_response(episode.config.mode, reasoning, " || ".join(actions), state, "")
 
 
 def random_action(env, rng: random.Random, variables: dict) -> str:

@@ -16,7 +16,10 @@ again: SFT and PPO resume from their last checkpoint, generation and evaluation 
 (they write their outputs atomically at the end).
 
 Presets are YAML files (spa_rl/configs/ or your own). Top-level keys:
-  model: the starting model (generate, sft);
+  model: the starting model (generate, sft, and train or eval when no earlier stage runs);
+  stages: the stages to run, in order (default: all five); e.g. [train, eval] is RL from the
+      base model, [eval] evaluates it; each stage loads the final model of the last earlier
+      stage that trains (sft, train), or `model`;
   env / episode / sampling / ...: a shared config section, applied to every stage that has it,
       so that a value is set once (e.g. `sampling: {max_new_tokens: 288}`);
   generate / sft / eval-sft-wm / train / eval: one stage's values, over the shared ones.
@@ -83,7 +86,7 @@ def _shared_sections(preset: dict, name: str) -> dict:
     """The preset's shared sections, checked: each must be a section of at least one stage."""
     import dataclasses
 
-    shared = {k.replace("-", "_"): v for k, v in preset.items() if k not in STAGES and k != "model"}
+    shared = {k.replace("-", "_"): v for k, v in preset.items() if k not in STAGES and k not in ("model", "stages")}
     for key in shared:
         if not any(key in {f.name for f in dataclasses.fields(_config_class(s))} for s in STAGES):
             raise ConfigError(f"preset {name}: unknown section {key!r}; sections are model, the stages "
@@ -91,15 +94,25 @@ def _shared_sections(preset: dict, name: str) -> dict:
     return shared
 
 
+def selected_stages(preset: dict, name: str = "preset") -> tuple[str, ...]:
+    stages = preset.get("stages", list(STAGES))
+    if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
+        raise ConfigError(f"preset {name}: stages must be a list of {', '.join(STAGES)}, got {stages!r}")
+    if "sft" in stages and "generate" not in stages:
+        raise ConfigError(f"preset {name}: stage sft needs generate (its data)")
+    return tuple(s for s in STAGES if s in stages)
+
+
 def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list[str],
                   env_options: str | None = None, preset_name: str = "preset") -> dict:
-    """The resolved config of every stage, with the links between stages filled in."""
+    """The resolved config of every selected stage, with the links between stages filled in."""
     import dataclasses
 
     from spa_rl.artifacts import final_model
     from spa_rl.config import flatten_values
 
     shared = _shared_sections(preset, preset_name)
+    stages = selected_stages(preset, preset_name)
     per_stage: dict[str, dict] = {}
     for stage in STAGES:
         cls = _config_class(stage)
@@ -118,17 +131,21 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
         stage, dot, field = key.partition(".")
         if not sep or not dot or stage not in STAGES:
             raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+        if stage not in stages:
+            continue  # a shared override (e.g. a seed for every stage) for a stage this preset skips
         per_stage[stage].update(flatten_values(_config_class(stage), {field: yaml.safe_load(value)}, f"--set {item}: "))
+    after_sft = str(final_model(out / "sft")) if "sft" in stages else model
+    after_train = str(final_model(out / "train")) if "train" in stages else after_sft
     links = {
         "generate": {"env.name": env, "model.name": model, "out": str(out / "generate")},
         "sft": {"data": str(out / "generate"), "model.name": model, "out": str(out / "sft")},
-        "eval-sft-wm": {"env.name": env, "model.name": str(final_model(out / "sft")), "episode.mode": "world-model",
+        "eval-sft-wm": {"env.name": env, "model.name": after_sft, "episode.mode": "world-model",
                         "out": str(out / "eval-sft-wm")},
-        "train": {"env.name": env, "model.name": str(final_model(out / "sft")), "out": str(out / "train")},
-        "eval": {"env.name": env, "model.name": str(final_model(out / "train")), "out": str(out / "eval")},
+        "train": {"env.name": env, "model.name": after_sft, "out": str(out / "train")},
+        "eval": {"env.name": env, "model.name": after_train, "out": str(out / "eval")},
     }
     configs = {}
-    for stage in STAGES:
+    for stage in stages:
         try:
             configs[stage] = load_config(_config_class(stage), {**per_stage[stage], **links[stage]})
         except ConfigError as exc:
@@ -160,8 +177,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
         {"env": args.env, "preset": args.preset, "model": model, "env_options": args.env_options,
-         "overrides": args.set}, sort_keys=False))
-    for stage in STAGES:
+         "stages": list(configs), "overrides": args.set}, sort_keys=False))
+    for stage in configs:
         folder = out / stage
         if (folder / DONE).exists():
             print(f"[pipeline] {stage}: complete, skipped")

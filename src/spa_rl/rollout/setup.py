@@ -8,10 +8,15 @@ from spa_rl.sections import EnvSection, EpisodeSection, SamplingSection
 
 
 def sampling_params(sampling: SamplingSection):
+    """The backend's `SamplingParams` from the config section, field by field of the same name
+    (a field the section adds reaches the backend without a change here)."""
+    import dataclasses
+
     from spa_rl.rollout.backend import SamplingParams
 
-    return SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                          top_p=sampling.top_p, top_k=sampling.top_k, stop_strings=tuple(sampling.stop_strings))
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    return SamplingParams(**{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)
+                             if f.name in names})
 
 
 def make_backend(model, tokenizer, sampling: SamplingSection, seed: int):

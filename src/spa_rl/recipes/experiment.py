@@ -1,0 +1,292 @@
+"""spa experiment: a matrix of arms x seeds over pipeline presets, resumable, summarised in
+RESULTS.md with intervals over seeds and learning curves.
+
+    spa experiment study.yaml                 # runs the missing cells, then writes RESULTS.md
+    spa experiment study.yaml --report-only   # RESULTS.md from the results already there
+
+The file:
+
+    name: SPA vs RL on FrozenLake 4x4
+    env: frozenlake
+    env_options: '{is_slippery: false}'   # optional, every stage that plays
+    model: default                        # optional, the presets' otherwise
+    preset: cpu-small                     # the arms' preset unless an arm names its own
+    seeds: [0, 1, 2]
+    set: [train.steps=10]                 # overrides for every arm (STAGE.FIELD=VALUE)
+    runs: runs/study                      # the pipeline folders (large; not for git)
+    results: docs/results/study           # per-run JSON, RESULTS.md, plots (small; for git)
+    arms:
+      spa:     {preset: my-spa.yaml, description: "world-model SFT, then RL"}
+      vanilla: {preset: my-rl.yaml, set: [train.episode.render=grid]}
+
+A cell (arm, seed) is one `spa pipeline` run in `runs/ARM/seed-N` with every stage's `seed`
+set to N (the validation levels stay fixed). When it finishes, its metrics go to
+`results/ARM/seed-N.json`, written atomically; a cell whose JSON exists is skipped, so a
+matrix can be completed over several sittings, and an interrupted cell resumes from its
+pipeline folder. A path in the file (a preset, runs, results) is relative to the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spa_rl.errors import ConfigError
+
+# Student's t quantiles t(0.975, df) for df = 1..30 (beyond: the normal 1.96), for 95% intervals
+# of a mean over a few seeds.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+@dataclass
+class Arm:
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class Study:
+    name: str
+    env: str
+    env_options: str | None
+    model: str | None
+    seeds: list[int]
+    arms: list[Arm]
+    runs: Path
+    results: Path
+    source: Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the experiment YAML (arms, seeds, presets)")
+    p.add_argument("--report-only", action="store_true", help="write RESULTS.md from the results present")
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
+    known = {"name", "env", "env_options", "model", "preset", "seeds", "set", "runs", "results", "arms"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    base = path.parent
+
+    def rel(p):
+        return str(base / p) if p and (p.endswith((".yaml", ".yml")) or "/" in p) and not Path(p).is_absolute() else p
+
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a list of integers, got {seeds!r}")
+    shared = list(data.get("set") or [])
+    arms_data = data.get("arms")
+    if not isinstance(arms_data, dict) or not arms_data:
+        raise ConfigError(f"{path}: arms must map each arm's name to its preset and overrides")
+    arms = []
+    for name, spec in arms_data.items():
+        spec = spec or {}
+        bad = sorted(set(spec) - {"preset", "set", "description"})
+        if bad:
+            raise ConfigError(f"{path}: arm {name}: unknown key(s) {', '.join(bad)}")
+        preset = spec.get("preset", data.get("preset"))
+        if not preset:
+            raise ConfigError(f"{path}: arm {name} has no preset (and the file names none)")
+        arms.append(Arm(str(name), rel(preset), shared + list(spec.get("set") or []), spec.get("description", "")))
+    for key in ("runs", "results"):
+        if not data.get(key):
+            raise ConfigError(f"{path}: {key} (a folder) is required")
+    return Study(name=data.get("name", path.stem), env=data.get("env", "sokoban"), env_options=data.get("env_options"),
+                 model=data.get("model"), seeds=seeds, arms=arms, runs=base / data["runs"],
+                 results=base / data["results"], source=path)
+
+
+def cell_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
+    """The arm's overrides plus the seed of every stage."""
+    from spa_rl.recipes.pipeline import STAGES
+
+    return arm.overrides + [f"{stage}.seed={seed}" for stage in STAGES]
+
+
+def collect_cell(run: Path) -> dict:
+    """The small per-run record: final evaluation, the SFT model's world-model evaluation,
+    the validation curve and the stage times."""
+    from spa_rl.artifacts import read_jsonl
+
+    record: dict = {"stages": {}}
+    for stage in ("generate", "sft", "eval-sft-wm", "train", "eval"):
+        done = run / stage / "STAGE_DONE"
+        if done.is_file():
+            record["stages"][stage] = float(done.read_text().split()[0])
+    for stage, key in (("eval", "final"), ("eval-sft-wm", "sft_world_model")):
+        path = run / stage / "metrics.json"
+        if path.is_file():
+            record[key] = json.loads(path.read_text())
+    log = run / "train" / "metrics.jsonl"
+    if log.is_file():
+        rows = read_jsonl(log)
+        record["curve"] = [{k: r[k] for k in r if k == "step" or k.startswith("val/")} for r in rows
+                           if "val/pass@1" in r]
+        record["train_success"] = [[r["step"], r["rollout/success"]] for r in rows if "rollout/success" in r]
+    return record
+
+
+def run_study(study: Study) -> None:
+    from spa_rl.artifacts import atomic_write_text
+    from spa_rl.recipes import pipeline
+
+    cells = [(arm, seed) for arm in study.arms for seed in study.seeds]
+    todo = [(a, s) for a, s in cells if not (study.results / a.name / f"seed-{s}.json").is_file()]
+    print(f"[experiment] {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds = {len(cells)} cells, "
+          f"{len(cells) - len(todo)} done already, {len(todo)} to run")
+    durations = []
+    for k, (arm, seed) in enumerate(todo, 1):
+        eta = f"; about {sum(durations) / len(durations) * (len(todo) - k + 1) / 60:.0f} min left" if durations else ""
+        print(f"[experiment] cell {k}/{len(todo)}: arm {arm.name}, seed {seed}{eta}", flush=True)
+        run = study.runs / arm.name / f"seed-{seed}"
+        t0 = time.perf_counter()
+        code = pipeline.run(argparse.Namespace(env=study.env, preset=arm.preset, model=study.model, out=str(run),
+                                               set=cell_overrides(study, arm, seed), env_options=study.env_options))
+        if code:
+            raise SystemExit(code)
+        record = {"arm": arm.name, "seed": seed, "preset": arm.preset, "overrides": arm.overrides,
+                  "seconds": time.perf_counter() - t0, **collect_cell(run)}
+        atomic_write_text(study.results / arm.name / f"seed-{seed}.json", json.dumps(record, indent=1) + "\n")
+        durations.append(record["seconds"])
+
+
+# ---- the summary -----------------------------------------------------------------------------
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval over seeds (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def load_results(study: Study) -> dict[str, list[dict]]:
+    out = {}
+    for arm in study.arms:
+        records = []
+        for seed in study.seeds:
+            path = study.results / arm.name / f"seed-{seed}.json"
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+        out[arm.name] = records
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, half = mean_ci(values)
+    return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def write_results(study: Study, command: str) -> Path:
+    from spa_rl.artifacts import atomic_write_text
+
+    results = load_results(study)
+    k = None
+    lines = [f"# {study.name}", "", f"Regenerate: `{command}` (runs the missing cells, then rewrites this file).",
+             f"Environment {study.env}" + (f", options `{study.env_options}`" if study.env_options else "") + ".",
+             "", "Means over seeds with 95% t-intervals (± half-width). Pass@1: mean success over every validation "
+             "episode; Pass@k: unbiased, k = samples per level; world-model accuracy: exact predictions of the next "
+             "state in world-model-mode turns (final evaluation, or the SFT model's world-model evaluation when the "
+             "final one plays base prompts).", ""]
+    header = "| arm | seeds | levels x samples | Pass@1 | Pass@k | world-model accuracy | validation Pass@1 (first -> last) |"
+    lines += [header, "|" + "---|" * 7]
+    for arm in study.arms:
+        recs = [r for r in results[arm.name] if "final" in r]
+        if not recs:
+            lines.append(f"| {arm.name} | 0 | - | - | - | - | - |")
+            continue
+        final = [r["final"] for r in recs]
+        samples = max(int(key.split("@")[1]) for key in final[0] if key.startswith("pass@"))
+        k = samples
+        p1 = [f["pass@1"] for f in final]
+        pk = [f[f"pass@{samples}"] for f in final]
+        wm = [r["final"].get("prediction_exact", r.get("sft_world_model", {}).get("prediction_exact")) for r in recs]
+        wm = [w for w in wm if w is not None]
+        first = [r["curve"][0]["val/pass@1"] for r in recs if r.get("curve")]
+        last = [r["curve"][-1]["val/pass@1"] for r in recs if r.get("curve")]
+        curve = f"{_fmt(first)} -> {_fmt(last)}" if first else "-"
+        lines.append(f"| {arm.name} | {len(recs)} | {final[0]['levels']} x {samples} | {_fmt(p1)} | "
+                     f"{_fmt(pk)} (k={samples}) | {_fmt(wm)} | {curve} |")
+    lines += ["", "Per seed (final Pass@1):", ""]
+    for arm in study.arms:
+        per = ", ".join(f"seed {r['seed']}: {r['final']['pass@1']:.3f}" for r in results[arm.name] if "final" in r)
+        desc = f" ({arm.description})" if arm.description else ""
+        lines.append(f"- **{arm.name}**{desc}: {per or 'no finished run'}; preset `{arm.preset}`"
+                     + (f", overrides `{' '.join(arm.overrides)}`" if arm.overrides else ""))
+    if _plot_curves(study, results, study.results / "curves.png"):
+        lines += ["", "![validation Pass@1 over PPO steps, mean over seeds with min-max band](curves.png)"]
+    path = study.results / "RESULTS.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _plot_curves(study: Study, results: dict, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    drawn = False
+    for arm in study.arms:
+        curves = [{c["step"]: c["val/pass@1"] for c in r["curve"]} for r in results[arm.name] if r.get("curve")]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        values = [[c[s] for c in curves] for s in steps]
+        mean = [sum(v) / len(v) for v in values]
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{arm.name} (n={len(curves)})")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
+                        color=line.get_color())
+        drawn = True
+    if drawn:
+        ax.set_xlabel("PPO step")
+        ax.set_ylabel("validation Pass@1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def run(args) -> int:
+    study = load_study(args.file)
+    from spa_rl.recipes import pipeline
+
+    for arm in study.arms:  # every arm's configs resolve before any cell runs
+        preset = pipeline.load_preset(arm.preset)
+        pipeline.stage_configs(preset, study.env, study.model or preset.get("model", "default"),
+                               study.runs / arm.name / "check", cell_overrides(study, arm, study.seeds[0]),
+                               study.env_options, arm.preset)
+    if not args.report_only:
+        run_study(study)
+    path = write_results(study, f"spa experiment {args.file}")
+    print(f"[experiment] wrote {path}")
+    return 0

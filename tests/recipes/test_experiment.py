@@ -1,0 +1,84 @@
+"""spa experiment on the tiny model: a 2 x 2 matrix runs end to end, finished cells are
+skipped, RESULTS.md carries the per-run numbers with intervals, and bad files fail by name."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PRESET = """
+model: tiny
+episode: {max_turns: 1}
+sampling: {max_new_tokens: 8}
+generate: {policy: solver, episodes: 4, group_size: 1, val_fraction: 0.25}
+sft: {epochs: 1, batch: 4, micro_batch: 4, model: {dtype: fp32}}
+eval-sft-wm: {eval: {levels: 1, samples: 2}}
+train: {steps: 1, groups: 2, group_size: 2, keep_ratio: 1.0, model: {dtype: fp32}, eval: {levels: 2, samples: 2}}
+eval: {eval: {levels: 2, samples: 2}}
+"""
+
+STUDY = """
+name: tiny study
+env: frozenlake
+env_options: '{is_slippery: false}'
+seeds: [0, 1]
+runs: runs
+results: results
+arms:
+  sft-then-rl: {preset: tiny.yaml, description: all five stages}
+  rl-only:
+    preset: rl.yaml
+"""
+
+
+def spa(*args):
+    return subprocess.run([sys.executable, "-m", "spa_rl.cli", *args], capture_output=True, text=True)
+
+
+def test_experiment_matrix_runs_skips_and_reports(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(PRESET)
+    (tmp_path / "rl.yaml").write_text(PRESET + "stages: [train, eval]\n")
+    (tmp_path / "study.yaml").write_text(STUDY)
+    res = spa("experiment", str(tmp_path / "study.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cell 4/4: arm rl-only, seed 1" in res.stdout
+    for arm in ("sft-then-rl", "rl-only"):
+        for seed in (0, 1):
+            record = json.loads((tmp_path / "results" / arm / f"seed-{seed}.json").read_text())
+            assert record["seed"] == seed and "pass@1" in record["final"] and record["curve"]
+    rl = json.loads((tmp_path / "results" / "rl-only" / "seed-0.json").read_text())
+    assert set(rl["stages"]) == {"train", "eval"}  # no data, no SFT
+    assert not (tmp_path / "runs" / "rl-only" / "seed-0" / "sft").exists()
+    # the seed reaches the stages: two seeds of one arm sample differently
+    a = (tmp_path / "runs" / "sft-then-rl" / "seed-0" / "train" / "config.yaml").read_text()
+    assert "seed: 0" in a and "seed: 1" in (tmp_path / "runs" / "sft-then-rl" / "seed-1" / "train" /
+                                             "config.yaml").read_text()
+
+    text = (tmp_path / "results" / "RESULTS.md").read_text()
+    from spa_rl.recipes.experiment import mean_ci
+    p1 = [json.loads((tmp_path / "results" / "rl-only" / f"seed-{s}.json").read_text())["final"]["pass@1"]
+          for s in (0, 1)]
+    mean, half = mean_ci(p1)
+    assert f"| rl-only | 2 | 2 x 2 | {mean:.3f} ± {half:.3f} |" in text
+    assert "spa experiment" in text and (tmp_path / "results" / "curves.png").stat().st_size > 1000
+
+    res = spa("experiment", str(tmp_path / "study.yaml"))  # everything is there: nothing runs
+    assert res.returncode == 0 and "4 done already, 0 to run" in res.stdout
+
+
+def test_mean_ci_is_a_t_interval():
+    from spa_rl.recipes.experiment import mean_ci
+
+    assert mean_ci([0.5]) == (0.5, 0.0)
+    mean, half = mean_ci([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("text, needle", [("arms: {a: {preset: x.yaml, sett: []}}\nruns: r\nresults: s\n", "sett"),
+                                          ("seeds: one\narms: {a: {}}\nruns: r\nresults: s\n", "seeds"),
+                                          ("arms: {a: {preset: cpu-small}}\n", "runs")])
+def test_bad_files_fail_by_name(tmp_path, text, needle):
+    (tmp_path / "s.yaml").write_text(text)
+    res = spa("experiment", str(tmp_path / "s.yaml"))
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
