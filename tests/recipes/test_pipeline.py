@@ -61,8 +61,26 @@ def test_bad_preset_fails_by_name(tmp_path, text, needle):
     assert not (tmp_path / "o").exists()
 
 
+def _shipped_presets():
+    from importlib import resources
+
+    return sorted(f.name[:-5] for f in resources.files("spa_rl.configs").iterdir() if f.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("preset", _shipped_presets())
+def test_every_shipped_preset_resolves(tmp_path, preset):
+    from spa_rl.recipes.pipeline import load_preset, stage_configs
+
+    data = load_preset(preset)
+    configs = stage_configs(data, "sokoban", data.get("model", "default"), tmp_path, [])
+    assert "eval" in configs
+    if "train" in configs:  # the final evaluation plays what training played, on the trained model
+        assert configs["eval"].episode == configs["train"].episode
+        assert configs["eval"].model.name == str(tmp_path / "train" / "final")
+
+
 @pytest.mark.parametrize("preset", ["cpu-small", "paper"])
-def test_shipped_presets_resolve(tmp_path, preset):
+def test_full_presets_link_their_stages(tmp_path, preset):
     from spa_rl.recipes.pipeline import STAGES, load_preset, stage_configs
 
     configs = stage_configs(load_preset(preset), "sokoban", "default", tmp_path, [])
@@ -94,3 +112,18 @@ def test_env_options_reach_every_stage_that_plays(tmp_path):
     for stage in ("generate", "eval-sft-wm", "train"):
         assert configs[stage].env.options == "{is_slippery: false}"
     assert configs["eval"].env.options == "{is_slippery: true}"  # --set wins over --env-options
+
+
+def test_ablation_presets_differ_from_spa_only_where_they_say(tmp_path):
+    from spa_rl.recipes.pipeline import load_preset, stage_configs
+
+    def resolved(name):
+        return stage_configs(load_preset(name), "sokoban", "m", tmp_path, [])
+
+    spa = resolved("paper")
+    assert resolved("paper-spa-masked")["sft"].mask_world_model and not spa["sft"].mask_world_model
+    assert resolved("paper-spa-random-policy")["generate"].policy == "random"
+    vanilla = resolved("paper-vanilla-rl")
+    assert list(vanilla) == ["train", "eval"] and vanilla["train"].model.name == "m"
+    assert vanilla["eval"].episode.render == "grid" and spa["eval"].episode.render == "grid+coords"
+    assert resolved("paper-vagen")["train"].world_model_reward > 0

@@ -142,3 +142,28 @@ def test_validation_uses_the_eval_config_and_its_checks():
     ec = train.eval_config(cfg)
     assert isinstance(ec, EvalConfig)
     assert (ec.model.name, ec.env.name, ec.sampling.temperature, ec.eval.levels) == ("tiny", "frozenlake", 0.7, 2)
+
+
+def test_world_model_reward_adds_the_exact_share(tmp_path):
+    """The VAGEN-style score: env score + weight x mean over turns of (obs exact + pred exact) / 2."""
+    from spa_rl.agent import Episode, EpisodeConfig, PromptSet
+    from spa_rl.envs import make
+
+    env = make("frozenlake", render_mode="grid+coords", is_slippery=False)
+    ep = Episode(env, 0, EpisodeConfig(mode="world-model", max_turns=2), PromptSet.load("frozenlake"))
+    state = ep.states[-1]
+    action = env.expert_actions(1)[0]
+    ep.apply_response(f"<think> <observation>{state}</observation> go <prediction>wrong</prediction> </think> "
+                      f"<answer> {action} </answer>")  # observation right, prediction wrong: 0.5
+    if not ep.done:
+        ep.apply_response("no format at all")  # 0
+    share = train.world_model_share(ep)
+    assert share == pytest.approx(0.5 / len(ep.turns))
+
+    class R:  # what score() reads of a rollout
+        episode = ep
+    assert train.score([R()], 0.4).item() == pytest.approx(ep.score + 0.4 * share)
+    assert train.score([R()]).item() == pytest.approx(ep.score)
+    from spa_rl.errors import ConfigError
+    with pytest.raises(ConfigError, match="world_model_reward needs episode.mode world-model"):
+        load_config(train.Config, {**SMALL, "world_model_reward": 0.5})

@@ -16,6 +16,7 @@ again: SFT and PPO resume from their last checkpoint, generation and evaluation 
 (they write their outputs atomically at the end).
 
 Presets are YAML files (spa_rl/configs/ or your own). Top-level keys:
+  base: another preset (a name or a file) whose values this one overrides, section by section;
   model: the starting model (generate, sft, and train or eval when no earlier stage runs);
   stages: the stages to run, in order (default: all five); e.g. [train, eval] is RL from the
       base model, [eval] evaluates it; each stage loads the final model of the last earlier
@@ -61,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one field of one stage, e.g. --set train.steps=20 (repeatable)")
 
 
-def load_preset(name: str) -> dict:
+def load_preset(name: str, _depth: int = 0) -> dict:
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
         path = Path(name)
         if not path.is_file():
@@ -75,7 +76,19 @@ def load_preset(name: str) -> dict:
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {name}: expected a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:  # `base: paper`: this preset's values over another's
+        if _depth >= 8:
+            raise ConfigError(f"preset {name}: base presets nest too deep (a cycle?)")
+        data = _deep_merge(load_preset(base, _depth + 1), data)
     return data
+
+
+def _deep_merge(below: dict, above: dict) -> dict:
+    out = dict(below)
+    for k, v in above.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _config_class(stage: str):

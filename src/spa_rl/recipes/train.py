@@ -5,7 +5,8 @@
 
 `main` is the algorithm; each numbered phase is a function below it:
   1. collect   roll out groups x group_size episodes with the current policy;
-  2. score     summed env rewards plus format penalties, one score per episode;
+  2. score     summed env rewards plus format penalties, one score per episode (plus a
+               world-model reward for the VAGEN-style baseline, `world_model_reward`);
   3. filter    keep the groups with the largest in-group score std (keep_ratio of them);
   4. old       old log-probs and values of the kept episodes, under the training forward;
   5. advantage token-level GAE with the critic (ppo) or group-normalised scores (grpo), whitened;
@@ -63,6 +64,9 @@ class Config:
     entropy_coef: float = option(0.001, "entropy bonus")
     value_clip: float = option(0.5, "value clipping range around the old values")
     kl_coef: float = option(0.0, "KL penalty to the initial policy (0 = no reference model loaded)")
+    world_model_reward: float = option(0.0, "VAGEN-style baseline: add this weight x the episode's mean over turns "
+                                            "of (exact observation + exact prediction) / 2 to its score (needs "
+                                            "episode.mode world-model; 0 = off, SPA's setting)")
     loss_tokens: str = option("assistant", "tokens the losses cover", choices=("assistant", "all-after-system"))
     loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-mean"))
     old_logprobs: str = option("recompute", "old log-probs: recompute (training forward) or rollout (sampler)",
@@ -86,6 +90,11 @@ class Config:
             errors.append(f"group_size must be >= 2 (filtering and GRPO compare episodes of a level), got {self.group_size}")
         if not 0 < self.keep_ratio <= 1:
             errors.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.world_model_reward and self.episode.mode != "world-model":
+            errors.append("world_model_reward needs episode.mode world-model (the model must write its observation "
+                          "and prediction)")
+        if self.world_model_reward < 0:
+            errors.append(f"world_model_reward must be >= 0, got {self.world_model_reward}")
         if self.mini_batch > self.kept_episodes:
             errors.append(f"mini_batch {self.mini_batch} exceeds the {self.kept_episodes} episodes kept per step "
                           f"(groups x group_size x keep_ratio)")
@@ -211,9 +220,27 @@ def collect(models: Models, cfg: Config, step: int) -> list:
 
 
 # ---- 2. score, 3. filter ---------------------------------------------------------------------
-def score(rollouts) -> torch.Tensor:
-    """Env rewards plus format penalties, per episode (the reference's filter input, SPEC 8.9)."""
-    return torch.tensor([float(r.episode.score) for r in rollouts])
+def score(rollouts, world_model_reward: float = 0.0) -> torch.Tensor:
+    """Env rewards plus format penalties, per episode (the reference's filter input, SPEC 8.9),
+    plus, for the VAGEN-style baseline, a reward for exact state estimation and prediction."""
+    scores = [float(r.episode.score) for r in rollouts]
+    if world_model_reward:
+        scores = [s + world_model_reward * world_model_share(r.episode) for s, r in zip(scores, rollouts)]
+    return torch.tensor(scores)
+
+
+def world_model_share(episode) -> float:
+    """Mean over the episode's turns of (observation exact + prediction exact) / 2; a turn that
+    broke the format scores 0 (VAGEN rewards state estimation and transition modelling per turn)."""
+    from spa_rl.agent.worldmodel import world_model_accuracy
+
+    total = 0.0
+    for t in episode.turns:
+        if t.parsed.format_ok:
+            acc = world_model_accuracy(t.parsed.observation, t.parsed.prediction, t.state_before, t.state_after,
+                                       true_after_grid=t.grid_after or None)
+            total += (acc["observation_exact"] + acc["prediction_exact"]) / 2
+    return total / max(1, len(episode.turns))
 
 
 def keep_groups(scores: torch.Tensor, cfg: Config) -> tuple[list[int], dict]:
@@ -447,7 +474,7 @@ def main(cfg: Config) -> int:
         rollouts = collect(models, cfg, step)                                        # 1
         timing = {"time/rollout_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        scores = score(rollouts)                                                     # 2
+        scores = score(rollouts, cfg.world_model_reward)                             # 2
         kept, filter_stats = keep_groups(scores, cfg)                                # 3
         batch = build_batch([rollouts[i] for i in kept], scores[kept], models.chat, cfg,
                             models.tokenizer.pad_token_id)
