@@ -375,6 +375,38 @@ def test_two_process_tests_are_fast(two_ranks):
     assert two_ranks[0]["_seconds"] < 60  # ~10 s on 2 shared cores; a hang would hit the 120 s timeout
 
 
+# ---- the GPU check script, on the CPU ---------------------------------------------------------
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    # benchmarks/gpu_check.py runs once on a lent GPU machine with little time: its code paths are
+    # exercised here first (--device cpu --small), so a GPU run does not die on a typo.
+    script = Path(runtime.__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    env = _child_env()
+    env["OMP_NUM_THREADS"] = "2"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), "--device", "cpu", "--small"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = report["checks"]
+    expected = ["environment", "runtime", "load_tiny", "hf_default_generator", "hf_generate_tiny", "generate_135m",
+                "sft_step_135m", "process_group"]
+    assert list(checks) == expected
+    failed = {k: v.get("error") for k, v in checks.items() if v["status"] != "ok"}
+    assert not failed, failed
+    assert checks["runtime"]["setup"]["device"] == "cpu"
+    assert "is not one of" in checks["runtime"]["resolve_device"]["gpu"]
+    assert checks["load_tiny"]["parameter_devices"] == ["cpu"]
+    assert checks["hf_generate_tiny"]["same_seed_same_tokens"] is True
+    assert checks["hf_generate_tiny"]["tokens_per_s"] > 0
+    assert all(v > 0 for v in checks["generate_135m"]["tokens_per_s_by_batch"].values())
+    assert checks["sft_step_135m"]["loss_finite"] and checks["sft_step_135m"]["master_weight_dtype"] == "torch.float32"
+    pg = checks["process_group"]
+    assert pg["backend"] == "gloo" and pg["closed"] is True and pg["all_reduce_sum_on_device"] == [0.0, 1.0, 2.0, 3.0]
+    lines = (tmp_path / "gpu_check.txt").read_text().splitlines()
+    assert len(lines) == 1 + len(expected) and all(" ok " in line for line in lines[1:])
+
+
 # ---- the worker (run by torchrun on each rank) -----------------------------------------------
 
 
