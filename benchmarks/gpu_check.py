@@ -14,8 +14,11 @@ the checks use the tiny random model (`--model tiny`) and, for throughput, a ran
 with SmolLM2-135M's exact shape (hidden 576, 30 layers, 9 heads, 3 kv heads, intermediate 1536,
 vocabulary 49152, tied embeddings): its speed is the default model's; its outputs mean nothing.
 
+Needs spa-rl's runtime dependencies (gymnasium among them, which the lent GPU image lacks:
+docs/scaling.md, "GPU check", says how to carry its wheels).
+
 Checks, in order:
-  environment        torch / CUDA / GPU / NCCL versions and sizes
+  environment        torch / CUDA / GPU / NCCL versions and sizes; missing packages
   runtime            device and dtype resolution (auto, cpu, cuda, cuda:0, bad specs), setup()
   load_tiny          load_model_and_tokenizer("tiny", device=<device>): parameters on the device
   hf_default_generator  HFBackend as it is today (a CPU torch.Generator) on the device
@@ -105,9 +108,17 @@ def sync(device) -> None:
 
 
 def check_environment(args):
+    import importlib.util
+
     import torch
     import transformers
 
+    # spa_rl imports gymnasium on import (the games register themselves): a machine without the
+    # package's dependencies fails every later check on that, so name what is missing up front.
+    needed = ("gymnasium", "numpy", "yaml", "tokenizers", "transformers", "safetensors", "tqdm")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"missing Python packages {missing}: carry their wheels (docs/scaling.md, 'GPU check')")
     from spa_rl import runtime
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
