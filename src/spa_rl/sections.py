@@ -16,7 +16,6 @@ A new sampling field is added once, in `SamplingSection` (and read where it is u
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,12 +39,14 @@ class ModelSection:
     dtype: str = option("auto", "compute precision: auto (bf16 where the CPU/GPU computes it natively), bf16, fp32; "
                                 "training keeps fp32 master weights and computes under bf16 autocast",
                         choices=DTYPES)
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank takes "
+                                 "cuda:LOCAL_RANK")
 
     def check(self) -> list[str]:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            return [f"device: {self.device!r} is not auto, cpu, cuda or cuda:N"]
-        return []
+        from spa_rl.runtime import device_spec_error
+
+        error = device_spec_error(self.device)
+        return [f"device: {error.removeprefix('device ')}"] if error else []
 
 
 def parse_env_options(text: str | None) -> dict:

@@ -29,6 +29,7 @@ def print_summary(metrics: dict, title: str) -> None:
 
 
 def main(cfg: Config) -> int:
+    from spa_rl import runtime
     from spa_rl.artifacts import atomic_write_text
     from spa_rl.models import load_model_and_tokenizer
     from spa_rl.rollout.evaluation import evaluate, write_trajectories
@@ -36,7 +37,8 @@ def main(cfg: Config) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype)
+    rt = runtime.setup(device=cfg.model.device, dtype=cfg.model.dtype, distributed=False)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=rt.dtype, device=rt.device)
     metrics, rollouts = evaluate(model, tokenizer, cfg)
     write_trajectories(rollouts, out / "trajectories.jsonl")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -156,7 +156,10 @@ def play(cfg: Config, episodes: list) -> None:
     from spa_rl.rollout.setup import make_backend, sampling_params
     from spa_rl.tokens import ChatTokenizer
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype)
+    from spa_rl import runtime
+
+    rt = runtime.setup(device=cfg.model.device, dtype=cfg.model.dtype, distributed=False)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=rt.dtype, device=rt.device)
     chat = ChatTokenizer(tokenizer)
     backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed)
     # Chunks of `decode_batch` episodes: bounded memory, steady progress; same result per chunk.
