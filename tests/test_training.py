@@ -17,6 +17,8 @@ from spa_rl.training import (
     list_checkpoints,
     load_trainer_state,
     masked_nll_sum,
+    pack_rows,
+    packed_hidden_states,
     pad_batch,
     prune_trainer_states,
     rng_state,
@@ -110,6 +112,120 @@ def test_chunked_gradients_equal_full_gradients(tiny):
     assert count == int(sel.sum())
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+def _rows(seed=5, lengths=(23, 7, 31, 1, 16)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def _alone_logprobs(model, row, temperature=1.0):
+    # The reference: one row, no padding, no packing, full logits, plain autograd.
+    logits = model(input_ids=torch.tensor([row])).logits[0].float() / temperature
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(row[1:])[:, None])[:, 0]
+
+
+def test_pack_rows_layout():
+    ids = torch.tensor([[5, 6, 7, 0], [0, 0, 8, 9], [0, 0, 0, 0], [1, 2, 3, 4]])
+    attn = (ids != 0).long()
+    p = pack_rows(ids, attn)
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]  # restart per row
+    assert p.cu_seqlens.tolist() == [0, 3, 5, 9]  # the empty row is dropped
+    assert p.max_length == 4
+    assert list(zip(p.rows.tolist(), p.cols.tolist()))[3:5] == [(1, 2), (1, 3)]
+
+
+def test_packed_logprobs_equal_per_row_unpadded(tiny):
+    # Five rows of different lengths (one of a single token) packed into one sequence: every
+    # log-prob equals the row's own unpadded forward, so no token attends across a boundary and
+    # positions restart per row. fp32, tight tolerance.
+    model, _ = tiny
+    rows = _rows()
+    ids, attn, mask = pad_batch(rows, [[1] * len(r) for r in rows], pad_id=256)
+    got = token_logprobs(model, ids, attn, mask, chunk_size=8)
+    assert model.config._attn_implementation == "spa_packed_sdpa"  # the row-by-row causal path ran
+    for b, r in enumerate(rows):
+        assert got[b, 0] == 0 and (got[b, len(r):] == 0).all()
+        if len(r) > 1:
+            assert torch.allclose(got[b, 1:len(r)], _alone_logprobs(model, r), atol=2e-6, rtol=1e-5), b
+
+
+def test_transformers_packed_mask_agrees_with_row_by_row_attention(tiny):
+    # The same packed sequence through transformers' own handling (eager attention, which builds
+    # a block-diagonal causal mask from the restarting position ids when no mask is given) and
+    # through the row-by-row sdpa path: the same hidden states.
+    import copy
+
+    model, _ = tiny
+    rows = _rows(seed=6)
+    ids, attn, _ = pad_batch(rows, [[1] * len(r) for r in rows], pad_id=256)
+    fast = packed_hidden_states(model.get_decoder(), ids, attn)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    slow = packed_hidden_states(eager.get_decoder(), ids, attn)
+    assert eager.config._attn_implementation == "eager"
+    assert torch.allclose(fast, slow, atol=2e-5)
+    for b, r in enumerate(rows):
+        alone = model.get_decoder()(input_ids=torch.tensor([r])).last_hidden_state[0]
+        assert torch.allclose(fast[b, :len(r)], alone, atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_gradients_with_entropy_equal_autograd(tiny, temperature):
+    # The hand-written backward of the LM head (log-prob and entropy terms, temperature) against
+    # plain autograd through full logits, packed rows against one row at a time.
+    model, _ = tiny
+    rows = _rows(seed=7, lengths=(12, 20, 5))
+    ids, attn, mask = pad_batch(rows, [[0] * 2 + [1] * (len(r) - 2) for r in rows], pad_id=256)
+    w_lp = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    w_ent = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    ref_loss = 0.0
+    for b, r in enumerate(rows):
+        logits = model(input_ids=torch.tensor([r])).logits[0, :-1].float() / temperature
+        lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(r[1:])[:, None])[:, 0]
+        ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+        sel = mask[b, 1:len(r)].float()
+        ref_loss = ref_loss + (w_lp[b, 1:len(r)] * lp * sel).sum() + (w_ent[b, 1:len(r)] * ent * sel).sum()
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    lp, ent = token_logprobs(model, ids, attn, mask, chunk_size=5, temperature=temperature, return_entropy=True)
+    loss = (w_lp * lp).sum() + (w_ent * ent).sum()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_training_logprobs_at_the_sampling_temperature_equal_the_samplers():
+    # The sampler's log-probs are those of softmax(logits / T). Scoring the sampled tokens with
+    # token_logprobs(temperature=T) gives the same numbers, so with old_logprobs taken from the
+    # rollout the first PPO ratio is exp(0) = 1. At temperature 1 they differ.
+    from spa_rl.rollout.backend import HFBackend, SamplingParams
+    from spa_rl.tokens import ChatTokenizer
+
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(tok, seed=4).float().eval()
+    chat = ChatTokenizer(tok)
+    prompts = [chat.prompt_ids([{"role": "user", "content": text}]) for text in ("Go left.", "Which way now?")]
+    params = SamplingParams(max_new_tokens=24, temperature=0.7, stop_strings=())
+    gens = HFBackend(model, tok, max_batch_size=2, seed=3).generate(prompts, params)
+    seqs = [list(p) + g.token_ids for p, g in zip(prompts, gens)]
+    masks = [[0] * len(p) + [1] * len(g.token_ids) for p, g in zip(prompts, gens)]
+    ids, attn, mask = pad_batch(seqs, masks, pad_id=tok.pad_token_id)
+    sampled = torch.zeros(ids.shape)
+    for b, (p, g) in enumerate(zip(prompts, gens)):
+        sampled[b, len(p):len(p) + len(g.token_ids)] = torch.tensor(g.logprobs)
+    with torch.no_grad():
+        at_t = token_logprobs(model, ids, attn, mask, temperature=0.7)
+        at_1 = token_logprobs(model, ids, attn, mask)
+    sel = mask.bool()
+    assert torch.allclose(at_t[sel], sampled[sel], atol=1e-4)
+    ratio = torch.exp(at_t[sel] - sampled[sel])
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4)
+    assert (at_1[sel] - sampled[sel]).abs().max() > 1e-2
 
 
 def test_cosine_schedule_shape():
