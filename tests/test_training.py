@@ -172,7 +172,7 @@ def test_transformers_packed_mask_agrees_with_row_by_row_attention(tiny):
         assert torch.allclose(fast[b, :len(r)], alone, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     # Rows longer than one query block (256), a one-token row, grouped-query heads (4 query heads
     # on 2 key/value heads); outputs and gradients against PyTorch's causal sdpa on each row
@@ -180,13 +180,18 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     g = torch.Generator().manual_seed(0)
     lengths = [300, 1, 530]
     N = sum(lengths)
-    q = torch.randn(1, 4, N, 64, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(1, 2, N, 64, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(1, 2, N, 64, generator=g).to(dtype).requires_grad_()
-    grad_out = torch.randn(1, 4, N, 64, generator=g).to(dtype)
+    # "autocast": what a Llama layer hands over under bf16 autocast (q, k float32 after the
+    # rotary embedding, v bfloat16), with the backward outside the autocast region
+    dq, dv = (torch.float32, torch.bfloat16) if dtype == "autocast" else (dtype, dtype)
+    q = torch.randn(1, 4, N, 64, generator=g).to(dq).requires_grad_()
+    k = torch.randn(1, 2, N, 64, generator=g).to(dq).requires_grad_()
+    v = torch.randn(1, 2, N, 64, generator=g).to(dv).requires_grad_()
+    grad_out = torch.randn(1, 4, N, 64, generator=g).to(dv)
     cu = torch.tensor([0, 300, 301, 831], dtype=torch.int32)
-    out = packed_causal_attention(q, k, v, cu, 0.125)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
+        out = packed_causal_attention(q, k, v, cu, 0.125)
     out.backward(grad_out)
+    assert q.grad.dtype == q.dtype and v.grad.dtype == v.dtype
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         leaves[0][:, :, a:b], leaves[1][:, :, a:b], leaves[2][:, :, a:b], scale=0.125, is_causal=True, enable_gqa=True)

@@ -314,13 +314,20 @@ class _PackedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, bounds: tuple[int, ...]):
+        # One compute dtype for the matmuls, here and in the backward (which runs outside any
+        # autocast region): under autocast, rotary embeddings leave q and k float32 while v
+        # is bfloat16, and autocast would have run the products in bfloat16.
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         block = _kernel(_attention_block_forward)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            for s in range(a, b, ATTENTION_BLOCK):
-                e = min(b, s + ATTENTION_BLOCK)
-                out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], scale, s - a)
+        with torch.autocast(q.device.type, enabled=False):
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                for s in range(a, b, ATTENTION_BLOCK):
+                    e = min(b, s + ATTENTION_BLOCK)
+                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], scale, s - a)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.bounds = scale, bounds
         return out
@@ -343,7 +350,8 @@ class _PackedCausalAttention(torch.autograd.Function):
                 grad_q[:, :, s:e] = gq
                 grad_k[:, a:e] += gk
                 grad_v[:, a:e] += gv
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        dq, dk, dv = ctx.in_dtypes
+        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None, None
 
 
 def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torch.Tensor:
