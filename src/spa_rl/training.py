@@ -231,25 +231,26 @@ PACKED_ATTENTION = "spa_packed_sdpa"
 ATTENTION_BLOCK = 256  # query rows per block of the CPU attention kernel
 
 
-def _attention_block_forward(q, k, v, scale: float, start: int):
+def _attention_block_forward(q, k, v, future, scale: float):
     """One block of causal attention for queries start..start+L of one row.
 
     q (Hkv, G, L, D): the G query heads that share each key/value head; k, v (Hkv, E, D): the
-    row's keys and values up to the block's last query (E = start + L). Returns the output
+    row's keys and values up to the block's last query (E = start + L); future (L, E) bool:
+    key after query (`_future_mask`; built outside so that no start offset reaches the
+    compiled graph, where the integer 0 would get a graph of its own). Returns the output
     (Hkv, G, L, D) and the log-sum-exp of the scores (Hkv, G, L), float32, for the backward.
     Scores, softmax and its statistics are float32; the two matmuls run in the input dtype.
     """
     Hkv, G, L, D = q.shape
     E = k.shape[1]
     scores = torch.bmm(q.reshape(Hkv, G * L, D), k.transpose(1, 2)).float().view(Hkv, G, L, E) * scale
-    future = torch.arange(E, device=q.device)[None, :] > (torch.arange(L, device=q.device)[:, None] + start)
     scores = scores.masked_fill(future, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).to(q.dtype).view(Hkv, G * L, E)
     return torch.bmm(probs, v).view(Hkv, G, L, D), lse
 
 
-def _attention_block_backward(q, k, v, grad_out, lse, delta, scale: float, start: int):
+def _attention_block_backward(q, k, v, grad_out, lse, delta, future, scale: float):
     """Gradients of one block (see `_attention_block_forward`): recompute the probabilities
     from the saved log-sum-exp, then dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K, dK = dS^T Q
     (delta = rowsum(dO * O), the softmax backward's correction)."""
@@ -257,7 +258,6 @@ def _attention_block_backward(q, k, v, grad_out, lse, delta, scale: float, start
     E = k.shape[1]
     q2, do2 = q.reshape(Hkv, G * L, D), grad_out.reshape(Hkv, G * L, D)
     scores = torch.bmm(q2, k.transpose(1, 2)).float().view(Hkv, G, L, E) * scale
-    future = torch.arange(E, device=q.device)[None, :] > (torch.arange(L, device=q.device)[:, None] + start)
     probs = torch.exp(scores - lse[..., None]).masked_fill(future, 0.0)
     grad_v = torch.bmm(probs.to(q.dtype).view(Hkv, G * L, E).transpose(1, 2), do2)
     grad_p = torch.bmm(do2, v.transpose(1, 2)).float().view(Hkv, G, L, E)
@@ -265,6 +265,13 @@ def _attention_block_backward(q, k, v, grad_out, lse, delta, scale: float, start
     grad_q = torch.bmm(grad_s, k).view(Hkv, G, L, D)
     grad_k = torch.bmm(grad_s.transpose(1, 2), q2)
     return grad_q, grad_k, grad_v
+
+
+def _future_mask(length: int, keys: int, device) -> torch.Tensor:
+    """(length, keys) bool: True where key j comes after query i of a block whose queries are
+    the last `length` of `keys` positions."""
+    start = keys - length
+    return torch.arange(keys, device=device)[None, :] > torch.arange(start, keys, device=device)[:, None]
 
 
 _COMPILED: dict[str, Any] = {}
@@ -289,7 +296,9 @@ def _kernel(fn):
     compiled = _COMPILED[name]
 
     def run(*args):
-        if compiled is fn:
+        if compiled is fn or args[0].shape[2] == 1:
+            # a one-query block (a row of 256k + 1 tokens) would get a graph of its own (sizes
+            # 0 and 1 are specialised) for a negligible amount of work
             return fn(*args)
         try:
             return compiled(*args)
@@ -327,7 +336,8 @@ class _PackedCausalAttention(torch.autograd.Function):
             for a, b in zip(bounds[:-1], bounds[1:]):
                 for s in range(a, b, ATTENTION_BLOCK):
                     e = min(b, s + ATTENTION_BLOCK)
-                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], scale, s - a)
+                    future = _future_mask(e - s, e - a, q.device)
+                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], future, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.bounds = scale, bounds
         return out
@@ -346,7 +356,7 @@ class _PackedCausalAttention(torch.autograd.Function):
             for s in range(a, b, ATTENTION_BLOCK):
                 e = min(b, s + ATTENTION_BLOCK)
                 gq, gk, gv = block(q[:, :, s:e], k[:, a:e], v[:, a:e], grad_out[:, :, s:e], lse[:, :, s:e],
-                                   delta[:, :, s:e], ctx.scale, s - a)
+                                   delta[:, :, s:e], _future_mask(e - s, e - a, q.device), ctx.scale)
                 grad_q[:, :, s:e] = gq
                 grad_k[:, a:e] += gk
                 grad_v[:, a:e] += gv
