@@ -320,3 +320,53 @@ def test_checkpoint_atomic_and_loadable(tmp_path, tiny):
     assert any(p.name.endswith(".safetensors") for p in last.iterdir())
     for (n, p), (_, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_ppo_gradient_does_not_depend_on_the_micro_batch_split(loss_agg):
+    # One PPO mini-batch of 5 episodes of different lengths: the actor's objective (clipped
+    # surrogate, entropy bonus, KL to a reference) and a critic's clipped value loss, summed over
+    # micro-batches of 2 + 1 + 2 episodes with the mini-batch's denominator, give the gradient of
+    # the whole mini-batch in one piece. Averaging micro-batch means does not.
+    from spa_rl.algorithms import actor_loss, loss_denominator, value_loss
+
+    tok = build_byte_tokenizer()
+    actor = build_tiny_model(tok, seed=2).float()
+    critic_backbone = build_tiny_model(tok, seed=3).float().get_decoder()
+    value_head = torch.nn.Linear(critic_backbone.config.hidden_size, 1)
+    params = list(actor.parameters()) + list(critic_backbone.parameters()) + list(value_head.parameters())
+    rows = _rows(seed=9, lengths=(30, 9, 22, 14, 40))
+    ids, attn, mask = pad_batch(rows, [[0] * 4 + [1] * (len(r) - 4) for r in rows], pad_id=256)
+    mask = mask.float()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        old = token_logprobs(actor, ids, attn, mask) + 0.05 * torch.randn(ids.shape, generator=g) * mask
+        ref = old + 0.1 * torch.randn(ids.shape, generator=g) * mask
+    adv = torch.randn(ids.shape, generator=g) * mask
+    old_values = torch.randn(ids.shape, generator=g) * mask
+    returns = torch.randn(ids.shape, generator=g) * mask
+
+    def loss_of(idx, denominator):
+        lp, ent = token_logprobs(actor, ids[idx], attn[idx], mask[idx], temperature=0.7, return_entropy=True)
+        a, _ = actor_loss(lp, old[idx], adv[idx], mask[idx], entropy=ent, entropy_coef=0.01, ref_logprobs=ref[idx],
+                          kl_coef=0.1, loss_agg=loss_agg, denominator=denominator)
+        values = value_head(packed_hidden_states(critic_backbone, ids[idx], attn[idx])).squeeze(-1)
+        v, _ = value_loss(values, old_values[idx], returns[idx], mask[idx], clip=0.2, loss_agg=loss_agg,
+                          denominator=denominator)
+        return a + v
+
+    def grads(splits, shared_denominator: bool):
+        for p in params:
+            p.grad = None
+        denominator = loss_denominator(mask, loss_agg) if shared_denominator else None
+        for idx in splits:
+            loss = loss_of(torch.tensor(idx), denominator)
+            (loss if shared_denominator else loss / len(splits)).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    whole = grads([[0, 1, 2, 3, 4]], True)
+    accumulated = grads([[3, 0], [4], [1, 2]], True)
+    assert whole.abs().max() > 1e-2
+    assert torch.allclose(accumulated, whole, atol=1e-6, rtol=1e-4)
+    averaged = grads([[3, 0], [4], [1, 2]], False)
+    assert (averaged - whole).abs().max() > 1e-3
