@@ -370,3 +370,24 @@ def test_ppo_gradient_does_not_depend_on_the_micro_batch_split(loss_agg):
     assert torch.allclose(accumulated, whole, atol=1e-6, rtol=1e-4)
     averaged = grads([[3, 0], [4], [1, 2]], False)
     assert (averaged - whole).abs().max() > 1e-3
+
+
+def test_switched_model_computes_what_sdpa_does_without_packing(tiny):
+    # After token_logprobs a model runs on the packed attention function; without packing
+    # arguments (generation: left padding, a mask, a KV cache) it must compute exactly what sdpa
+    # does, and the switch is not written into saved checkpoints.
+    import copy
+
+    model, _ = tiny
+    fresh = copy.deepcopy(model)
+    fresh.set_attn_implementation("sdpa")
+    ids = torch.tensor([[256, 256, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+    attn = (ids != 256).long()
+    token_logprobs(model, ids, attn, attn.bool())
+    assert model.config._attn_implementation == "spa_packed_sdpa"
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
+        want = fresh(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
+    assert torch.equal(got, want)
+    assert "spa_packed" not in model.config.to_json_string()
