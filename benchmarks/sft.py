@@ -12,7 +12,13 @@ best run counts, so a busy spell on a shared machine does not decide the ratio. 
 (prompt and completion) of the timed steps over their wall time. MFU = 6 x parameters x
 tokens/s against the CPU's bf16 peak of 2.5 TFLOP/s (MODELS.md); spa-rl applies the LM head
 only on trained positions, so its real FLOPs are below 6N per token and this MFU is "model
-FLOPs" in the usual sense, not hardware FLOPs.
+FLOPs" in the usual sense, not hardware FLOPs. The 2.5 TFLOP/s figure is the AMX machines'; the
+run also measures this machine's own bf16 matmul peak (best of several 2048^3 products on the
+default threads) and prints MFU against both.
+
+spa-rl's step packs the rows without padding and runs attention through a torch.compile'd block
+kernel (training.py); the compile happens in its first, untimed step, whose seconds are printed
+beside the result (inductor caches compiled kernels on disk, so a second process compiles less).
 
 Sides: `spa` (our step, activation checkpointing off: the recipe's default), `spa-gc` (on),
 `trl` (SFTTrainer with its defaults on CPU, which include activation checkpointing;
@@ -52,7 +58,7 @@ def child_spa(rows, args, gradient_checkpointing: bool) -> dict:
     assert not skipped
     optimizer = adamw(model, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, args.steps, 0)
-    timed_tokens, timed_seconds, losses = 0, 0.0, []
+    timed_tokens, timed_seconds, warmup_seconds, losses = 0, 0.0, 0.0, []
     device = torch.device("cpu")
     for k in range(args.steps):
         batch = list(range(k * args.batch, (k + 1) * args.batch))
@@ -62,7 +68,9 @@ def child_spa(rows, args, gradient_checkpointing: bool) -> dict:
         if k >= args.warmup_steps:
             timed_tokens += stats["tokens"]
             timed_seconds += stats["seconds"]
-    return {"tokens": timed_tokens, "seconds": timed_seconds, "losses": losses,
+        else:
+            warmup_seconds += stats["seconds"]
+    return {"tokens": timed_tokens, "seconds": timed_seconds, "warmup_seconds": warmup_seconds, "losses": losses,
             "params": model.num_parameters(), "rows_tokens": [len(x) for x, _ in examples]}
 
 
@@ -98,12 +106,29 @@ def child_trl(rows, args) -> dict:
         trainer.train()
         lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     marks = [start] + timer.ends
+    warmup_seconds = marks[args.warmup_steps] - marks[0]
     step_tokens = [sum(lengths[k * args.batch:(k + 1) * args.batch]) for k in range(args.steps)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = range(args.warmup_steps, args.steps)
     return {"tokens": sum(step_tokens[k] for k in timed), "seconds": sum(marks[k + 1] - marks[k] for k in timed),
-            "losses": losses, "params": model.num_parameters(), "rows_tokens": lengths,
+            "warmup_seconds": warmup_seconds, "losses": losses, "params": model.num_parameters(), "rows_tokens": lengths,
             "gradient_checkpointing": bool(config.gradient_checkpointing)}
+
+
+def measured_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's bf16 matmul throughput (FLOP/s), best of `repeats` size^3 products: the
+    ceiling any training step's matmuls can reach here, measured in the same run."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
 
 
 def model_folder(name: str) -> str:
@@ -171,6 +196,10 @@ def main() -> None:
         rows_file = Path(tmp) / "rows.jsonl"
         rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         model_folder(args.model)  # convert the default model once, outside the timed children
+        load_start = os.getloadavg()
+        peak = measured_peak_flops()
+        print(f"this machine's bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 5); "
+              f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
         results, runs = {}, []
         for repeat in range(args.repeats):  # sides alternate, so a busy spell hits both
             for side in args.sides.split(","):
@@ -178,24 +207,32 @@ def main() -> None:
                 r = run_child(side, rows_file, args)
                 r["tokens_per_second"] = r["tokens"] / r["seconds"]
                 r["mfu"] = 6 * r["params"] * r["tokens_per_second"] / PEAK_FLOPS
-                runs.append({"side": side, "tokens_per_second": r["tokens_per_second"], "peak_rss_gib": r["peak_rss_gib"]})
-                print(f"  {r['tokens_per_second']:.1f} tokens/s, peak {r['peak_rss_gib']:.2f} GiB", flush=True)
+                r["mfu_measured_peak"] = 6 * r["params"] * r["tokens_per_second"] / peak
+                runs.append({"side": side, "tokens_per_second": r["tokens_per_second"], "peak_rss_gib": r["peak_rss_gib"],
+                             "warmup_seconds": r["warmup_seconds"], "load": os.getloadavg()[0]})
+                print(f"  {r['tokens_per_second']:.1f} tokens/s, peak {r['peak_rss_gib']:.2f} GiB, untimed warm-up "
+                      f"{r['warmup_seconds']:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
                 if side not in results or r["tokens_per_second"] > results[side]["tokens_per_second"]:
                     results[side] = r
     lengths = results[next(iter(results))]["rows_tokens"]
     print(f"\n{len(rows)} rows, {args.batch} per step, {args.steps} steps ({args.warmup_steps} untimed), "
           f"{args.precision}, model {args.model}, {os.cpu_count()} CPUs, torch threads default; "
           f"tokens/row mean {sum(lengths) / len(lengths):.0f} (min {min(lengths)}, max {max(lengths)})")
-    print(f"best of {args.repeats} run(s) per side; load average at the end {os.getloadavg()[0]:.2f}")
-    print(f"{'side':8} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6}  losses")
+    load_end = os.getloadavg()
+    print(f"best of {args.repeats} run(s) per side; load average at the start {load_start[0]:.2f} {load_start[1]:.2f} "
+          f"{load_start[2]:.2f}, at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    print(f"MFU = 6 x params x tokens/s over {PEAK_FLOPS / 1e12:.1f} TFLOP/s (MODELS.md) and over this machine's "
+          f"measured bf16 peak {peak / 1e12:.2f} TFLOP/s")
+    print(f"{'side':8} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6} {'MFU-here':>8} {'warm-up s':>9}  losses")
     for side, r in results.items():
-        print(f"{side:8} {r['tokens_per_second']:9.1f} {r['peak_rss_gib']:9.2f} {r['mfu']:6.1%}  "
-              + " ".join(f"{x:.3f}" for x in r["losses"]))
+        print(f"{side:8} {r['tokens_per_second']:9.1f} {r['peak_rss_gib']:9.2f} {r['mfu']:6.1%} "
+              f"{r['mfu_measured_peak']:8.1%} {r['warmup_seconds']:9.1f}  " + " ".join(f"{x:.3f}" for x in r["losses"]))
     if "spa" in results and "trl" in results:
         print(f"ratio spa / trl tokens per second: {results['spa']['tokens_per_second'] / results['trl']['tokens_per_second']:.2f}x"
               f"; peak memory {results['spa']['peak_rss_gib'] / results['trl']['peak_rss_gib']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "runs": runs}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "measured_peak_flops": peak, "results": results,
+                                               "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ Position 0 has no context and is never a target.
 from __future__ import annotations
 
 import math
+import os
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +81,8 @@ def backbone_and_head(model):
 
 def _chunk_logprobs(head, softcap: float | None, temperature: float, want_entropy: bool,
                     hidden: torch.Tensor, targets: torch.Tensor):
-    # hidden (n, H), targets (n,) -> logprobs (n,) [, entropy (n,)], all float32
+    # The generic path (any head module, logit softcapping): autograd through the head, used
+    # under activation checkpointing. hidden (n, H), targets (n,) -> logprobs (n,) [, entropy (n,)]
     logits = head(hidden).float()  # (n, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -94,56 +97,389 @@ def _chunk_logprobs(head, softcap: float | None, temperature: float, want_entrop
     return logprobs, entropy
 
 
+def _compute_dtype(t: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on (as `F.linear` would)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return weight.dtype
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """log p(target) (and the entropy) of softmax(hidden @ W^T / temperature), with a hand-written
+    backward. Autograd through `logsumexp` would keep or recompute the (n, V) float32 logits and
+    run several V-sized passes (exp, sub, mul) in its backward; here the backward recomputes the
+    logits once and forms dlogits = g * (onehot - p) (plus the entropy term) in place, which on
+    SmolLM2's 49,152-token vocabulary made the loss part of an SFT step about 3x cheaper.
+    Saved for backward: the (n, H) hidden chunk and one float per row."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, want_entropy: bool, dtype):
+        logits = _scaled_logits(hidden, weight, temperature, dtype)  # (n, V) float32
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(1, targets[:, None])[:, 0] - lse
+        if want_entropy:
+            probs = torch.exp(logits - lse[:, None])
+            entropy = lse - (probs * logits).sum(-1)  # H = lse - sum_v p_v z_v
+        else:
+            entropy = lse.new_zeros(lse.shape)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.want_entropy, ctx.dtype = temperature, want_entropy, dtype
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        dtype, temperature = ctx.dtype, ctx.temperature
+        with torch.autocast(hidden.device.type, enabled=False):
+            z = _scaled_logits(hidden, weight, temperature, dtype)  # (n, V) float32, recomputed
+            g = grad_logprobs.float() if grad_logprobs is not None else lse.new_zeros(lse.shape)
+            if ctx.want_entropy and grad_entropy is not None:
+                # dH/dz = -p (z - lse + H): coefficient c = g + g_H (z - lse + H), dz = onehot*g - p*c
+                p = torch.exp(z - lse[:, None])
+                z.sub_((lse - entropy)[:, None]).mul_(grad_entropy.float()[:, None]).add_(g[:, None])
+                dz = p.mul_(z).neg_()
+                del z
+            else:
+                dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g p, in the logits' buffer
+            dz.scatter_add_(1, targets[:, None], g[:, None])  # + g at the target
+            if temperature != 1.0:
+                dz.div_(temperature)
+            dz = dz.to(dtype)
+            grad_hidden = (dz @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (dz.t() @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _scaled_logits(hidden, weight, temperature: float, dtype) -> torch.Tensor:
+    logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  return_entropy: bool = False, chunk_size: int = 1024):
+    """Log-probs of `targets` (n,) under the LM head applied to `hidden` (n, H), at `temperature`,
+    in chunks of `chunk_size` rows; with `return_entropy`, also the entropy per row. Float32,
+    differentiable. A plain bias-free linear head (Llama, Qwen, SmolLM2) takes the fused path
+    (`_LinearHeadLogprobs`); other heads (LoRA-wrapped, biased, soft-capped) autograd through the
+    head under activation checkpointing, so only one chunk of logits is alive in backward."""
+    _, head = backbone_and_head(model)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    fused = type(head) is torch.nn.Linear and head.bias is None and not softcap
+    dtype = _compute_dtype(hidden, head.weight) if fused else None
+    lps, ents = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if fused:
+            lp, ent = _LinearHeadLogprobs.apply(h, head.weight, t, float(temperature), return_entropy, dtype)
+        elif torch.is_grad_enabled():
+            lp, ent = checkpoint(_chunk_logprobs, head, softcap, temperature, return_entropy, h, t, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(head, softcap, temperature, return_entropy, h, t)
+        lps.append(lp)
+        ents.append(ent)
+    empty = hidden.new_zeros((0,), dtype=torch.float32)
+    logprobs = torch.cat(lps) if lps else empty
+    if not return_entropy:
+        return logprobs
+    return logprobs, (torch.cat(ents) if ents else empty)
+
+
+# ---- packed rows -----------------------------------------------------------------------------
+
+
+@dataclass
+class PackedRows:
+    """The real tokens of a (B, T) batch laid end to end in one row (no padding).
+
+    input_ids, position_ids: (1, N); position ids restart at 0 for every row, so rotary
+    embeddings see each row as if it were alone. cu_seqlens (R+1,) int32: row r occupies
+    [cu_seqlens[r], cu_seqlens[r+1]) (empty rows dropped). rows, cols (N,): where each packed
+    token sits in the dense (B, T) layout, to scatter per-token results back.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    shape: tuple[int, int]
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
+    """Pack the tokens where `attention_mask` is 1, row after row (left, right or no padding; a
+    hole in a row is dropped, so positions count the row's real tokens, as a mask would)."""
+    keep = attention_mask.bool()
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: row 0's tokens, then row 1's, ...
+    lengths = keep.sum(1)
+    position = (keep.long().cumsum(1) - 1)[rows, cols]
+    nonempty = lengths[lengths > 0]
+    cu = F.pad(nonempty.cumsum(0), (1, 0)).to(torch.int32)
+    return PackedRows(input_ids=input_ids[rows, cols][None], position_ids=position[None], cu_seqlens=cu,
+                      max_length=int(nonempty.max()) if len(nonempty) else 0, rows=rows, cols=cols,
+                      shape=(input_ids.shape[0], input_ids.shape[1]))
+
+
+PACKED_ATTENTION = "spa_packed_sdpa"
+ATTENTION_BLOCK = 256  # query rows per block of the CPU attention kernel
+
+
+def _attention_block_forward(q, k, v, future, scale: float):
+    """One block of causal attention for queries start..start+L of one row.
+
+    q (Hkv, G, L, D): the G query heads that share each key/value head; k, v (Hkv, E, D): the
+    row's keys and values up to the block's last query (E = start + L); future (L, E) bool:
+    key after query (`_future_mask`; built outside so that no start offset reaches the
+    compiled graph, where the integer 0 would get a graph of its own). Returns the output
+    (Hkv, G, L, D) and the log-sum-exp of the scores (Hkv, G, L), float32, for the backward.
+    Scores, softmax and its statistics are float32; the two matmuls run in the input dtype.
+    """
+    Hkv, G, L, D = q.shape
+    E = k.shape[1]
+    scores = torch.bmm(q.reshape(Hkv, G * L, D), k.transpose(1, 2)).float().view(Hkv, G, L, E) * scale
+    scores = scores.masked_fill(future, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).to(q.dtype).view(Hkv, G * L, E)
+    return torch.bmm(probs, v).view(Hkv, G, L, D), lse
+
+
+def _attention_block_backward(q, k, v, grad_out, lse, delta, future, scale: float):
+    """Gradients of one block (see `_attention_block_forward`): recompute the probabilities
+    from the saved log-sum-exp, then dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K, dK = dS^T Q
+    (delta = rowsum(dO * O), the softmax backward's correction)."""
+    Hkv, G, L, D = q.shape
+    E = k.shape[1]
+    q2, do2 = q.reshape(Hkv, G * L, D), grad_out.reshape(Hkv, G * L, D)
+    scores = torch.bmm(q2, k.transpose(1, 2)).float().view(Hkv, G, L, E) * scale
+    probs = torch.exp(scores - lse[..., None]).masked_fill(future, 0.0)
+    grad_v = torch.bmm(probs.to(q.dtype).view(Hkv, G * L, E).transpose(1, 2), do2)
+    grad_p = torch.bmm(do2, v.transpose(1, 2)).float().view(Hkv, G, L, E)
+    grad_s = ((grad_p - delta[..., None]) * probs * scale).to(q.dtype).view(Hkv, G * L, E)
+    grad_q = torch.bmm(grad_s, k).view(Hkv, G, L, D)
+    grad_k = torch.bmm(grad_s.transpose(1, 2), q2)
+    return grad_q, grad_k, grad_v
+
+
+def _future_mask(length: int, keys: int, device) -> torch.Tensor:
+    """(length, keys) bool: True where key j comes after query i of a block whose queries are
+    the last `length` of `keys` positions."""
+    start = keys - length
+    return torch.arange(keys, device=device)[None, :] > torch.arange(start, keys, device=device)[:, None]
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _kernel(fn):
+    """`fn` compiled by torch.compile (dynamic shapes: one graph for every row and block
+    length), or `fn` itself where compiling is off (SPA_RL_COMPILE=0) or fails (no C++
+    compiler, an unsupported platform): then the same math runs eagerly, correct but slower.
+
+    Why compile: eagerly, the float32 score block makes about ten memory passes between the two
+    matmuls (cast, scale, mask, max, exp, sum, cast...), and this block attention is no faster
+    than PyTorch's CPU flash kernel; inductor fuses those passes, and the compiled blocks run a
+    SmolLM2-shaped row (1,450 tokens, 9 query / 3 KV heads, bf16) 2.2x faster than the flash
+    kernel, forward plus backward (28 vs 62 ms per layer). Compiling takes about 25 s once per
+    process on 2 cores (less with inductor's on-disk cache)."""
+    name = fn.__name__
+    if name not in _COMPILED:
+        _COMPILED[name] = fn
+        if os.environ.get("SPA_RL_COMPILE", "1") != "0":
+            _COMPILED[name] = torch.compile(fn, dynamic=True)
+    compiled = _COMPILED[name]
+
+    def run(*args):
+        if compiled is fn or args[0].shape[2] == 1:
+            # a one-query block (a row of 256k + 1 tokens) would get a graph of its own (sizes
+            # 0 and 1 are specialised) for a negligible amount of work
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as exc:  # a platform inductor cannot build for: run eagerly from now on
+            import warnings
+
+            warnings.warn(f"torch.compile of {name} failed ({type(exc).__name__}: {exc}); running it eagerly")
+            _COMPILED[name] = fn
+            return fn(*args)
+
+    return run
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    """Causal attention within each row of a packed sequence, in query blocks of
+    `ATTENTION_BLOCK`, flash-attention style: the forward keeps only the output and the
+    log-sum-exp per query, the backward recomputes each block's probabilities. A block's keys
+    stop at its last query, so (apart from the diagonal blocks) no score above the diagonal is
+    computed, and no key of another row ever is.
+
+    q (Hkv, G, N, D), k, v (Hkv, N, D); bounds: the rows' [start, end) offsets in N."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, bounds: tuple[int, ...]):
+        # One compute dtype for the matmuls, here and in the backward (which runs outside any
+        # autocast region): under autocast, rotary embeddings leave q and k float32 while v
+        # is bfloat16, and autocast would have run the products in bfloat16.
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        block = _kernel(_attention_block_forward)
+        with torch.autocast(q.device.type, enabled=False):
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                for s in range(a, b, ATTENTION_BLOCK):
+                    e = min(b, s + ATTENTION_BLOCK)
+                    future = _future_mask(e - s, e - a, q.device)
+                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], future, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.bounds = scale, bounds
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype).contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)  # (Hkv, G, N)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        block = _kernel(_attention_block_backward)
+        bounds = ctx.bounds
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            for s in range(a, b, ATTENTION_BLOCK):
+                e = min(b, s + ATTENTION_BLOCK)
+                gq, gk, gv = block(q[:, :, s:e], k[:, a:e], v[:, a:e], grad_out[:, :, s:e], lse[:, :, s:e],
+                                   delta[:, :, s:e], _future_mask(e - s, e - a, q.device), ctx.scale)
+                grad_q[:, :, s:e] = gq
+                grad_k[:, a:e] += gk
+                grad_v[:, a:e] += gv
+        dq, dk, dv = ctx.in_dtypes
+        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None, None
+
+
+def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torch.Tensor:
+    """Causal attention of each packed row with itself. query (1, H, N, D), key/value
+    (1, Hkv, N, D) (grouped-query heads: query head h reads key/value head h // (H / Hkv)),
+    cu_seqlens (R+1,) row offsets. Returns (1, H, N, D).
+
+    CPU: `_PackedCausalAttention` (compiled query blocks). Other devices: the fused causal
+    `scaled_dot_product_attention` kernel on each row (the flash kernels of a GPU are fast)."""
+    bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    H, N, D = query.shape[1:]
+    Hkv = key.shape[1]
+    if query.device.type == "cpu":
+        q = query[0].reshape(Hkv, H // Hkv, N, D)
+        out = _PackedCausalAttention.apply(q, key[0], value[0], float(scale), bounds)
+        return out.reshape(1, H, N, D)
+    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scale,
+                                           is_causal=True, enable_gqa=H != Hkv)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(outs, dim=2)
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: exact sdpa, plus a varlen path for packed rows.
+
+    With `cu_seq_lens_q` (passed by `packed_forward`) and no cache, each row of the packed
+    sequence attends causally to itself only (`packed_causal_attention`). The alternative,
+    transformers' own handling of packed position ids under sdpa, is correct too but builds a
+    dense (N, N) block-diagonal mask, which turns off the causal kernel and attends over all N
+    keys (N = the sum of the row lengths). Anything else (generation, padding masks, dropout)
+    goes to transformers' sdpa function unchanged, so a model switched to this implementation
+    computes what it did before.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if (cu is None or dropout or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+            or query.shape[2] != int(cu[-1])):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = packed_causal_attention(query, key, value, cu, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_packed_attention(backbone) -> None:
+    """Switch a model that uses sdpa to `_packed_sdpa_attention` (registered once). Models on
+    other implementations keep them: flash-attention reads the same `cu_seq_lens_*` arguments
+    natively, and eager/flex get transformers' block-diagonal mask from the packed position ids."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(backbone, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    backbone.set_attn_implementation(PACKED_ATTENTION) if hasattr(backbone, "set_attn_implementation") \
+        else setattr(config, "_attn_implementation", PACKED_ATTENTION)
+
+
+def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
+    """Last hidden states (N, H) of the packed rows: each row computes what it would alone.
+
+    Rows are told apart by their restarting position ids with no attention mask, which is what
+    transformers 5.x reads as packed sequences (it then builds a block-diagonal causal mask), and
+    by the flash-attention style `cu_seq_lens_*` arguments, which `_packed_sdpa_attention` and
+    flash-attention use to run causal attention row by row without any mask."""
+    _use_packed_attention(backbone)
+    cu = packed.cu_seqlens.to(packed.input_ids.device)
+    out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
+                   max_length_k=packed.max_length)
+    return out.last_hidden_state[0]
+
+
+def packed_hidden_states(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a padded batch, computed packed (no compute on pads);
+    zeros at the pads. For heads other than the LM head (the critic's value head)."""
+    packed = pack_rows(input_ids, attention_mask)
+    hidden = packed_forward(backbone, packed)
+    B, T = packed.shape
+    dense = hidden.new_zeros((B, T, hidden.shape[-1]))
+    return dense.index_put((packed.rows, packed.cols), hidden)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions_mask: torch.Tensor,
                    chunk_size: int = 1024, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs of the target tokens marked by `positions_mask`, as a dense (B, T) float32
     tensor (0.0 elsewhere); with `return_entropy`, also the (B, T) entropy of the predictive
-    distribution at those positions. Differentiable; see the module docstring for the layout
-    and the memory argument.
+    distribution at those positions. Differentiable; see the module docstring.
 
-    input_ids, attention_mask, positions_mask: (B, T). `temperature` divides the logits (use
-    the sampling temperature to score a rollout's own distribution).
+    input_ids, attention_mask, positions_mask: (B, T), any padding side. The rows are packed
+    (`pack_rows`), so pads cost nothing; a token is a target when `positions_mask` marks it and
+    it is not its row's first real token. `temperature` divides the logits: pass the sampling
+    temperature to score a rollout under the distribution it was sampled from (the sampler's
+    log-probs are temperature-scaled; `rollout.backend.sample_next`).
     """
-    backbone, head = backbone_and_head(model)
-    attention_mask = attention_mask.to(torch.long)
-    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        # Right padding (or none): causal attention alone already keeps every real token from
-        # seeing the pads after it, so no mask is passed and attention takes its fast causal
-        # path (about 1.7x faster steps on CPU for ~1,400-token rows); pad outputs are unused.
-        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-    else:  # left padding or holes: the mask, and positions counted from each row's first token
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-    B, T, H = hidden.shape
-    select = positions_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1): target t+1 from hidden t
-    h = hidden[:, :-1][select]  # (N, H)
-    targets = input_ids[:, 1:][select]  # (N,)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    lps, ents = [], []
-    for start in range(0, h.shape[0], chunk_size):
-        args = (head, softcap, temperature, return_entropy, h[start:start + chunk_size], targets[start:start + chunk_size])
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        lps.append(lp)
-        ents.append(ent)
-    zeros = hidden.new_zeros((B, 1), dtype=torch.float32)
+    backbone, _ = backbone_and_head(model)
+    packed = pack_rows(input_ids, attention_mask)
+    hidden = packed_forward(backbone, packed)  # (N, H)
+    is_target = positions_mask.bool()[packed.rows, packed.cols] & (packed.position_ids[0] > 0)
+    idx = is_target.nonzero()[:, 0]  # packed index of each target; its context ends at idx - 1
+    result = head_logprobs(model, hidden[idx - 1], packed.input_ids[0, idx], temperature, return_entropy,
+                           chunk_size)
+    where = (packed.rows[idx], packed.cols[idx])
+    B, T = packed.shape
 
-    def dense(parts):
-        flat = torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
-        body = hidden.new_zeros((B, T - 1), dtype=torch.float32).masked_scatter(select, flat)
-        return torch.cat([zeros, body], dim=1)
+    def dense(flat):
+        return hidden.new_zeros((B, T), dtype=torch.float32).index_put(where, flat)
 
-    logprobs = dense(lps)
-    return (logprobs, dense(ents)) if return_entropy else logprobs
+    if not return_entropy:
+        return dense(result)
+    return dense(result[0]), dense(result[1])
 
 
 def masked_nll_sum(model, input_ids, attention_mask, loss_mask, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of -log p over the target tokens of `loss_mask`, number of such tokens)."""
     lp = token_logprobs(model, input_ids, attention_mask, loss_mask, chunk_size=chunk_size)
-    count = int((loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()).sum())
+    real = attention_mask.bool()
+    position = real.long().cumsum(1) - 1
+    count = int((loss_mask.bool() & real & (position > 0)).sum())  # the targets token_logprobs scores
     return -lp.sum(), count
 
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from spa_rl.algorithms.losses import (
+    actor_loss,
     aggregate_loss,
     entropy_from_logits,
     logprobs_from_logits,
+    loss_denominator,
     masked_mean,
     masked_sum,
     ppo_policy_loss,
@@ -207,3 +209,52 @@ def test_masked_mean_and_sum():
     assert torch.allclose(masked_mean(x, mask, dim=-1), torch.tensor([1.0, 4.0]))
     assert torch.allclose(masked_mean(x, mask, dim=0), torch.tensor([2.0, 5.0]))
     assert masked_mean(x, torch.zeros(2, 2)).item() == 0.0  # nothing masked in: 0, not nan
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_contributions_add_up_to_the_mini_batch_loss(loss_agg):
+    # Rows of 3, 1, 0 and 2 trained tokens, split 2 + 2 rows: with the mini-batch's
+    # denominator the two contributions sum to the whole batch's loss.
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0], [5.0, 6.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    whole = aggregate_loss(per_token, mask, loss_agg)
+    denom = loss_denominator(mask, loss_agg)
+    assert denom.item() == (6 if loss_agg == "token-mean" else 3)
+    parts = aggregate_loss(per_token[:2], mask[:2], loss_agg, denom) + aggregate_loss(per_token[2:], mask[2:], loss_agg, denom)
+    assert parts.item() == pytest.approx(whole.item())
+    # the old accumulation (each micro-batch's own mean, divided by the number of micro-batches)
+    # gives another number on the same rows
+    old = (aggregate_loss(per_token[:2], mask[:2], loss_agg) + aggregate_loss(per_token[2:], mask[2:], loss_agg)) / 2
+    assert old.item() != pytest.approx(whole.item())
+    assert loss_denominator(torch.zeros(2, 3), loss_agg).item() == 1  # never divides by zero
+
+
+def test_policy_and_value_losses_take_the_denominator():
+    adv = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    z = torch.zeros(1, 2)
+    own, _ = ppo_policy_loss(z, z, adv, mask)
+    assert own.item() == pytest.approx(0.5)  # -(1 - 2) / 2
+    shared, _ = ppo_policy_loss(z, z, adv, mask, denominator=torch.tensor(8.0))
+    assert shared.item() == pytest.approx(1.0 / 8)
+    v, _ = value_loss(torch.ones(1, 2), torch.ones(1, 2), torch.zeros(1, 2), mask, denominator=4.0)
+    assert v.item() == pytest.approx(0.5 * 2 / 4)
+
+
+def test_actor_loss_terms():
+    # r = 1, A = (1, -1): surrogate 0; entropy (2, 4) -> token mean 3; KL to a reference that
+    # gives each token log-prob 0 against log pi = log 0.5: k3 = exp(log 2) - log 2 - 1
+    logprobs = torch.full((1, 2), math.log(0.5), requires_grad=True)
+    entropy = torch.tensor([[2.0, 4.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    loss, stats = actor_loss(logprobs, logprobs.detach(), torch.tensor([[1.0, -1.0]]), mask, entropy=entropy,
+                             entropy_coef=0.1, ref_logprobs=torch.zeros(1, 2), kl_coef=0.5)
+    k3 = 2.0 - math.log(2.0) - 1.0
+    assert loss.item() == pytest.approx(0.0 - 0.1 * 3.0 + 0.5 * k3)
+    assert stats["entropy"].item() == pytest.approx(3.0) and stats["kl_to_ref"].item() == pytest.approx(k3)
+    loss.backward()
+    assert torch.allclose(entropy.grad, torch.full((1, 2), -0.1 / 2))
+    half, half_stats = actor_loss(logprobs, logprobs.detach(), torch.tensor([[1.0, -1.0]]), mask, entropy=entropy,
+                                  entropy_coef=0.1, denominator=4.0)
+    assert half.item() == pytest.approx(-0.1 * 6.0 / 4)  # the entropy sum over the mini-batch's 4 tokens
+    assert half_stats["pg_loss"].item() == pytest.approx(0.0)

@@ -167,3 +167,12 @@ def test_world_model_reward_adds_the_exact_share(tmp_path):
     from spa_rl.errors import ConfigError
     with pytest.raises(ConfigError, match="world_model_reward needs episode.mode world-model"):
         load_config(train.Config, {**SMALL, "world_model_reward": 0.5})
+
+
+def test_ratio_uses_the_sampling_temperature(tmp_path):
+    """At T = 0.7 the sampler's log-probs are those of logits / 0.7; the training forward scores
+    at the same temperature, so with the sampler's log-probs as the old ones the first ratio is 1."""
+    rows = step_rows(run_train(tmp_path, "t", steps=1, eval_every=0, old_logprobs="rollout",
+                               sampling={"max_new_tokens": 12, "temperature": 0.7}, **{"model.dtype": "fp32"}))
+    assert rows[0]["rollout/logprob_gap"] < 1e-4
+    assert rows[0]["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)

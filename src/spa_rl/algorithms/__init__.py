@@ -2,16 +2,19 @@
 
 - passk: unbiased pass@k from per-level (n, c) counts.
 - advantages: GAE over the trained positions, whitening, GRPO group-normalised advantages.
-- losses: clipped/dual-clipped PPO policy loss, clipped value loss, entropy, masked reductions.
+- losses: clipped/dual-clipped PPO policy loss, the actor's objective, clipped value loss, entropy,
+  masked reductions with mini-batch denominators for gradient accumulation.
 - filters: keep the groups with the largest in-group reward std.
 """
 
 from spa_rl.algorithms.advantages import gae, grpo_advantages, whiten
 from spa_rl.algorithms.filters import episode_indices, select_groups_by_reward_std
 from spa_rl.algorithms.losses import (
+    actor_loss,
     aggregate_loss,
     entropy_from_logits,
     logprobs_from_logits,
+    loss_denominator,
     masked_mean,
     masked_sum,
     ppo_policy_loss,
@@ -20,12 +23,14 @@ from spa_rl.algorithms.losses import (
 from spa_rl.algorithms.passk import pass_at_k, pass_at_k_table
 
 __all__ = [
+    "actor_loss",
     "aggregate_loss",
     "entropy_from_logits",
     "episode_indices",
     "gae",
     "grpo_advantages",
     "logprobs_from_logits",
+    "loss_denominator",
     "masked_mean",
     "masked_sum",
     "pass_at_k",

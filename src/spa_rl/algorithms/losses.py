@@ -9,6 +9,14 @@ Loss aggregation (`loss_agg`):
 - "seq-mean-token-mean": token mean inside each sequence, then mean over sequences that have at
   least one masked-in token. The reference computes "token-mean" per micro-batch of ONE sequence
   and averages micro-batches (SPEC 5.4), so this is what its updates effectively optimise.
+
+Gradient accumulation: the mean is over the whole MINI-batch (one optimizer step), not over each
+micro-batch. Compute `loss_denominator(mini_batch_mask, loss_agg)` once per mini-batch and pass it
+as `denominator` to every micro-batch's loss: each micro-batch then contributes its masked sum
+divided by the mini-batch's count, the contributions add up to the mini-batch's loss, and the
+gradient does not depend on how the mini-batch is split. Averaging per-micro-batch means instead
+(the loss of each divided by the number of micro-batches) weighs a token by the size of the
+micro-batch it happened to land in. Without `denominator` a loss is its batch's own mean.
 """
 
 from __future__ import annotations
@@ -30,19 +38,36 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
+def loss_denominator(mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
+    """What `aggregate_loss` divides by, over `mask` (B, T): masked-in tokens ("token-mean") or
+    sequences with at least one of them ("seq-mean-token-mean"), at least 1. Take it over a
+    whole mini-batch and pass it as `denominator` to each micro-batch's losses."""
+    if loss_agg == "token-mean":
+        count = mask.bool().sum()
+    elif loss_agg == "seq-mean-token-mean":
+        count = mask.bool().any(dim=-1).sum()
+    else:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    return count.clamp(min=1).float()
+
+
 def aggregate_loss(
     per_token: torch.Tensor,  # (B, T) loss per token
     mask: torch.Tensor,  # (B, T)
     loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Reduce a per-token loss to a scalar; see the module docstring for the two modes."""
+    """Reduce a per-token loss to a scalar; see the module docstring for the two modes and for
+    `denominator` (default: this batch's own `loss_denominator`)."""
     if loss_agg == "token-mean":
-        return masked_mean(per_token, mask)
-    if loss_agg == "seq-mean-token-mean":
-        per_seq = masked_mean(per_token, mask, dim=-1)  # (B,)
-        has_tokens = mask.bool().any(dim=-1)  # (B,)
-        return masked_mean(per_seq, has_tokens)
-    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+        total = masked_sum(per_token, mask)
+    elif loss_agg == "seq-mean-token-mean":
+        total = masked_mean(per_token, mask, dim=-1).sum()  # rows without tokens contribute 0
+    else:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if denominator is None:
+        denominator = loss_denominator(mask, loss_agg)
+    return total / denominator
 
 
 def ppo_policy_loss(
@@ -54,8 +79,10 @@ def ppo_policy_loss(
     clip_high: float = 0.28,
     dual_clip: float | None = 3.0,
     loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO surrogate with asymmetric clip and dual clip (SPEC 5.3).
+    """Clipped PPO surrogate with asymmetric clip and dual clip (SPEC 5.3), aggregated by
+    `loss_agg` (over the mini-batch when `denominator` is given; module docstring).
 
     Per token, with r = exp(logprobs - old_logprobs):
         l = max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))   # PPO, Schulman et al. 2017
@@ -81,7 +108,7 @@ def ppo_policy_loss(
         bound = -adv * dual_clip
         dual_active = (adv < 0) & (per_token > bound)
         per_token = torch.where(adv < 0, torch.minimum(per_token, bound), per_token)
-    loss = aggregate_loss(per_token, mask, loss_agg)
+    loss = aggregate_loss(per_token, mask, loss_agg, denominator)
 
     with torch.no_grad():
         r = ratio.detach()
@@ -105,8 +132,10 @@ def value_loss(
     mask: torch.Tensor,  # (B, T)
     clip: float | None = 0.5,
     loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
+    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), aggregated
+    like the policy loss (`denominator`: the mini-batch's, for gradient accumulation).
 
     clip=None gives the plain 0.5 * (V - R)^2. stats: vf_clipfrac (tokens where the clipped term
     is the larger), explained_variance 1 - Var[R - V] / Var[R] over the mask (nan if Var[R] = 0),
@@ -124,7 +153,7 @@ def value_loss(
         err_clipped = (v_clipped - ret) ** 2
         err = torch.maximum(err_unclipped, err_clipped)
         clipped_active = err_clipped > err_unclipped
-    loss = 0.5 * aggregate_loss(err, mask, loss_agg)
+    loss = 0.5 * aggregate_loss(err, mask, loss_agg, denominator)
 
     with torch.no_grad():
         vd = v.detach()
@@ -136,6 +165,45 @@ def value_loss(
             "explained_variance": 1.0 - var_res / var_ret if var_ret > 0 else nan,
             "vpred_mean": masked_mean(vd, mask),
         }
+    return loss, stats
+
+
+def actor_loss(
+    logprobs: torch.Tensor,  # (B, T) log pi_theta at the sampling temperature, requires grad
+    old_logprobs: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B, T)
+    mask: torch.Tensor,  # (B, T)
+    entropy: torch.Tensor | None = None,  # (B, T) entropy of pi_theta, requires grad
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,  # (B, T) log pi_ref, for the KL penalty
+    kl_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+    loss_agg: str = "token-mean",
+    denominator: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The actor's whole objective for one micro-batch: clipped surrogate - entropy_coef x entropy
+    + kl_coef x k3 KL(pi_theta || pi_ref), every term aggregated the same way (`loss_agg`,
+    `denominator`), so accumulated micro-batches give the mini-batch's gradient for each term.
+
+    stats: those of `ppo_policy_loss`, plus pg_loss, entropy (token mean over the mask) and,
+    with a reference, kl_to_ref (token mean); all are this micro-batch's own means, for logging.
+    """
+    pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                                     loss_agg, denominator)
+    loss = pg_loss
+    own = loss_denominator(mask, loss_agg)  # this micro-batch's mean, for the log
+    stats["pg_loss"] = pg_loss.detach() * (denominator / own if denominator is not None else 1.0)
+    if entropy is not None:
+        if entropy_coef:
+            loss = loss - entropy_coef * aggregate_loss(entropy, mask, loss_agg, denominator)
+        stats["entropy"] = masked_mean(entropy.detach(), mask)
+    if ref_logprobs is not None and kl_coef:
+        log_r = ref_logprobs.detach().float() - logprobs.float()
+        k3 = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+        loss = loss + kl_coef * aggregate_loss(k3, mask, loss_agg, denominator)
+        stats["kl_to_ref"] = masked_mean(k3.detach(), mask)
     return loss, stats
 
 

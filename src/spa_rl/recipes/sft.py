@@ -13,11 +13,11 @@
    step: L = -(1/sum M) sum_i M_i log p(x_i | x_<i) over the global batch, whatever the
    micro-batching. `--mask-world-model` (ablation) removes the observation/prediction contents
    from M (the target tokens themselves, not their neighbours: SPEC 8 item 1).
-3. Per epoch: a seeded shuffle into global batches of `batch` rows; each batch sorted by length
-   and cut into micro-batches (at most `micro_batch` rows and `micro_batch_tokens` padded
-   tokens); gradients accumulate over the micro-batches; clip; AdamW; cosine schedule with
-   linear warmup. Log-probs come from `training.token_logprobs` (LM head only on trained
-   positions, in chunks). bf16 autocast over fp32 master weights.
+3. Per epoch: a seeded shuffle into global batches of `batch` rows; each batch cut into
+   micro-batches (at most `micro_batch` rows and `micro_batch_tokens` tokens, rows packed end to
+   end without padding); gradients accumulate over the micro-batches; clip; AdamW; cosine
+   schedule with linear warmup. Log-probs come from `training.token_logprobs` (packed rows, LM
+   head only on trained positions, in chunks). bf16 autocast over fp32 master weights.
 4. After every epoch: validation loss, then a checkpoint `checkpoint-epoch-N/` in the layout of
    `spa_rl.artifacts` (written atomically); `final` links to the last.
 
@@ -91,16 +91,26 @@ def tokenize_rows(chat, rows, max_length: int, mask_world_model: bool):
 
 
 def micro_batches(examples, indices, max_rows: int, max_tokens: int):
-    """Cut one global batch (longest first) into micro-batches bounded in rows and padded tokens."""
-    order = sorted(indices, key=lambda i: -len(examples[i][0]))
-    chunks, cur = [], []
-    for i in order:
-        longest = len(examples[cur[0]][0]) if cur else len(examples[i][0])
-        if cur and (len(cur) == max_rows or longest * (len(cur) + 1) > max_tokens):
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    return chunks + ([cur] if cur else [])
+    """Cut one global batch into micro-batches of at most `max_rows` rows and `max_tokens` tokens.
+
+    Rows are packed end to end without padding (`training.token_logprobs` packs them), so a
+    micro-batch costs the sum of its rows' lengths: rows go longest first into the first
+    micro-batch that still has room (first-fit decreasing), which fills micro-batches evenly
+    and keeps their number, and with it the per-forward overhead, low. A row longer than
+    `max_tokens` gets a micro-batch of its own."""
+    chunks: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0])
+        for c, chunk in enumerate(chunks):
+            if len(chunk) < max_rows and room[c] >= n:
+                chunk.append(i)
+                room[c] -= n
+                break
+        else:
+            chunks.append([i])
+            room.append(max_tokens - n)
+    return chunks
 
 
 def epoch_batches(n: int, batch: int, seed: int, epoch: int):

@@ -127,9 +127,9 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids, attention_mask):  # -> (B, T): value of the state before token i
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # (B, T, H)
+        from spa_rl.training import packed_hidden_states
+
+        h = packed_hidden_states(self.backbone, input_ids, attention_mask)  # (B, T, H), rows packed
         v = self.head(h).squeeze(-1).float()  # value of the state after token i
         return torch.nn.functional.pad(v[:, :-1], (1, 0))  # shift: value aligned with the token it precedes
 
@@ -252,9 +252,15 @@ def keep_groups(scores: torch.Tensor, cfg: Config) -> tuple[list[int], dict]:
 
 
 # ---- 4. old log-probs and values -------------------------------------------------------------
+def scoring_temperature(cfg: Config) -> float:
+    """The temperature the sampler's log-probs were taken at (greedy sampling scores at 1), so
+    that old and new log-probs, and the ratio, use the distribution the tokens were drawn from."""
+    return cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
+
+
 @torch.no_grad()
-def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int):
-    """Log-probs (training forward) and values, micro-batch by micro-batch."""
+def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int, temperature: float = 1.0):
+    """Log-probs (training forward, at `temperature`) and values, micro-batch by micro-batch."""
     from spa_rl.training import token_logprobs
 
     logprobs = torch.zeros_like(batch.rewards)
@@ -262,7 +268,8 @@ def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int):
     for s in range(0, len(batch), micro):
         sl = slice(s, s + micro)
         with autocast(bf16):
-            logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl])
+            logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl],
+                                          temperature=temperature)
             if critic is not None:
                 values[sl] = critic(batch.input_ids[sl], batch.attention_mask[sl])
     return logprobs, values * batch.mask
@@ -271,13 +278,15 @@ def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int):
 def old_outputs(models: Models, batch: PPOBatch, cfg: Config) -> float:
     """Fill old_logprobs, old_values (and ref_logprobs); return the mean |training - sampler|
     log-prob gap on the covered tokens."""
-    logprobs, values = forward_no_grad(models.actor, models.critic, batch, models.bf16, cfg.micro_batch)
+    logprobs, values = forward_no_grad(models.actor, models.critic, batch, models.bf16, cfg.micro_batch,
+                                       scoring_temperature(cfg))
     mask = batch.mask
     gap = ((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
     batch.old_logprobs = logprobs if cfg.old_logprobs == "recompute" else batch.rollout_logprobs * mask
     batch.old_values = values
     if models.ref is not None:
-        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, models.bf16, cfg.micro_batch)[0]
+        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, models.bf16, cfg.micro_batch,
+                                             scoring_temperature(cfg))[0]
     return gap.item()
 
 
@@ -295,13 +304,18 @@ def add_advantages(batch: PPOBatch, cfg: Config) -> None:
 
 # ---- 6. update -------------------------------------------------------------------------------
 def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config, generator) -> dict:
-    """Mini-batch updates over the kept episodes, `ppo_epochs` times; returns mean stats."""
-    from spa_rl.algorithms import masked_mean, ppo_policy_loss, value_loss
+    """Mini-batch updates over the kept episodes, `ppo_epochs` times; returns mean stats.
+
+    Every loss term of a micro-batch is divided by its mini-batch's denominator (`loss_agg`:
+    the mini-batch's trained tokens, or its sequences), so accumulating micro-batches gives the
+    gradient of the whole mini-batch, however it is split (tests/algorithms/test_losses.py)."""
+    from spa_rl.algorithms import actor_loss, loss_denominator, value_loss
     from spa_rl.training import token_logprobs
 
     actor, critic = models.actor, models.critic
     B = len(batch)
     mb = cfg.mini_batch or B
+    temperature = scoring_temperature(cfg)
     stats: dict[str, list[float]] = {}
 
     def record(prefix, values):
@@ -312,36 +326,26 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
         order = torch.randperm(B, generator=generator)
         for m in range(0, B, mb):
             mb_idx = order[m:m + mb]
-            n_micro = math.ceil(len(mb_idx) / cfg.micro_batch)
+            denominator = loss_denominator(batch.mask[mb_idx], cfg.loss_agg)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             for u in range(0, len(mb_idx), cfg.micro_batch):
                 part = batch.select(mb_idx[u:u + cfg.micro_batch])
                 with autocast(models.bf16):
                     logprobs, entropy = token_logprobs(actor, part.input_ids, part.attention_mask, part.mask,
-                                                       return_entropy=True)
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, part.mask,
-                                                    cfg.clip_low, cfg.clip_high,
-                                                    cfg.dual_clip if cfg.dual_clip > 1 else None, cfg.loss_agg)
-                loss = pg_loss
-                mean_entropy = masked_mean(entropy, part.mask)
-                pg_stats["entropy"] = mean_entropy.detach()
-                if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * mean_entropy
-                if cfg.kl_coef:
-                    log_r = part.ref_logprobs - logprobs
-                    kl = masked_mean(torch.exp(log_r) - log_r - 1, part.mask)  # k3 estimator
-                    loss = loss + cfg.kl_coef * kl
-                    pg_stats["kl_to_ref"] = kl.detach()
-                (loss / n_micro).backward()
-                pg_stats["pg_loss"] = pg_loss.detach()
+                                                       temperature=temperature, return_entropy=True)
+                loss, pg_stats = actor_loss(logprobs, part.old_logprobs, part.advantages, part.mask, entropy,
+                                            cfg.entropy_coef, part.ref_logprobs, cfg.kl_coef, cfg.clip_low,
+                                            cfg.clip_high, cfg.dual_clip if cfg.dual_clip > 1 else None,
+                                            cfg.loss_agg, denominator)
+                loss.backward()
                 record("actor", pg_stats)
                 if critic is not None:
                     with autocast(models.bf16):
                         values = critic(part.input_ids, part.attention_mask)
                     vf_loss, vf_stats = value_loss(values, part.old_values, part.returns, part.mask,
-                                                   cfg.value_clip, cfg.loss_agg)
-                    (vf_loss / n_micro).backward()
+                                                   cfg.value_clip, cfg.loss_agg, denominator)
+                    vf_loss.backward()
                     vf_stats["vf_loss"] = vf_loss.detach()
                     record("critic", vf_stats)
             for name, module, section in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
