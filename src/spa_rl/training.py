@@ -408,41 +408,51 @@ def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torc
 def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: exact sdpa, plus a varlen path for packed rows.
 
-    With `cu_seq_lens_q` (passed by `packed_forward`) and no cache, each row of the packed
-    sequence attends causally to itself only (`packed_causal_attention`). The alternative,
-    transformers' own handling of packed position ids under sdpa, is correct too but builds a
-    dense (N, N) block-diagonal mask, which turns off the causal kernel and attends over all N
-    keys (N = the sum of the row lengths). Anything else (generation, padding masks, dropout)
-    goes to transformers' sdpa function unchanged, so a model switched to this implementation
-    computes what it did before.
+    With `cu_seq_lens_q` (passed by `packed_forward`), each row of the packed sequence attends
+    causally to itself only (`packed_causal_attention`) and `attention_mask` (a placeholder,
+    see `packed_forward`) is not read. Anything else (generation, padding masks, caches) goes to
+    transformers' sdpa function unchanged, so a model switched to this implementation computes
+    what it did before.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if (cu is None or dropout or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or query.shape[2] != int(cu[-1])):
+    if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if dropout:
+        raise NotImplementedError("attention dropout is not supported with packed rows")
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] != int(cu[-1]):
+        raise ValueError(f"packed rows need one sequence of {int(cu[-1])} tokens and no cache, got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = packed_causal_attention(query, key, value, cu, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _use_packed_attention(backbone) -> None:
-    """Switch a model that uses sdpa to `_packed_sdpa_attention` (registered once). Models on
-    other implementations keep them: flash-attention reads the same `cu_seq_lens_*` arguments
-    natively, and eager/flex get transformers' block-diagonal mask from the packed position ids."""
+def _use_packed_attention(backbone) -> bool:
+    """Switch a model that uses sdpa to `_packed_sdpa_attention` (registered once); True when the
+    model now runs on it. Models on other implementations keep them: flash-attention reads the
+    same `cu_seq_lens_*` arguments natively, and eager/flex get transformers' block-diagonal mask
+    from the packed position ids. Models with sliding-window layers keep sdpa too (the row-by-row
+    kernel is full causal attention)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(backbone, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return
+    current = getattr(config, "_attn_implementation", None)
+    if current == PACKED_ATTENTION:
+        return True
+    if current != "sdpa" or any(getattr(m, "sliding_window", None) for m in backbone.modules()):
+        return False
     if PACKED_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
         AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    backbone.set_attn_implementation(PACKED_ATTENTION) if hasattr(backbone, "set_attn_implementation") \
-        else setattr(config, "_attn_implementation", PACKED_ATTENTION)
+    if hasattr(backbone, "set_attn_implementation"):
+        backbone.set_attn_implementation(PACKED_ATTENTION)
+    else:
+        config._attn_implementation = PACKED_ATTENTION
+    return config._attn_implementation == PACKED_ATTENTION
 
 
 def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
@@ -451,11 +461,15 @@ def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
     Rows are told apart by their restarting position ids with no attention mask, which is what
     transformers 5.x reads as packed sequences (it then builds a block-diagonal causal mask), and
     by the flash-attention style `cu_seq_lens_*` arguments, which `_packed_sdpa_attention` and
-    flash-attention use to run causal attention row by row without any mask."""
-    _use_packed_attention(backbone)
+    flash-attention use to run causal attention row by row. On `_packed_sdpa_attention` a
+    (1, 1, 1, 1) placeholder stands in for the mask: transformers passes a 4-D mask through as
+    it is, so it skips building the dense (N, N) block mask (144 MB and a noticeable part of a
+    step for 12,000 packed tokens) that the row-by-row kernel would not read."""
+    own_kernel = _use_packed_attention(backbone)
     cu = packed.cu_seqlens.to(packed.input_ids.device)
-    out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
+    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=cu.device) if own_kernel else None
+    out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
+                   use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
                    max_length_k=packed.max_length)
     return out.last_hidden_state[0]
 
