@@ -166,7 +166,7 @@ def test_transformers_packed_mask_agrees_with_row_by_row_attention(tiny):
         assert torch.allclose(fast[b, :len(r)], alone, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
+@pytest.mark.parametrize("dtype", [torch.float32, "blocks-fp32", torch.bfloat16, "autocast"])
 def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     # Rows longer than one query block (256), a one-token row, grouped-query heads (4 query heads
     # on 2 key/value heads); outputs and gradients against PyTorch's causal sdpa on each row
@@ -176,14 +176,23 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     N = sum(lengths)
     # "autocast": what a Llama layer hands over under bf16 autocast (q, k float32 after the
     # rotary embedding, v bfloat16), with the backward outside the autocast region
-    dq, dv = (torch.float32, torch.bfloat16) if dtype == "autocast" else (dtype, dtype)
+    # "blocks-fp32": the CPU block kernel (used for bf16) run in float32, to check its math
+    # tightly; plain float32 goes through sdpa row by row.
+    dq, dv = {"autocast": (torch.float32, torch.bfloat16), "blocks-fp32": (torch.float32, torch.float32)}.get(
+        dtype, (dtype, dtype))
     q = torch.randn(1, 4, N, 64, generator=g).to(dq).requires_grad_()
     k = torch.randn(1, 2, N, 64, generator=g).to(dq).requires_grad_()
     v = torch.randn(1, 2, N, 64, generator=g).to(dv).requires_grad_()
     grad_out = torch.randn(1, 4, N, 64, generator=g).to(dv)
     cu = torch.tensor([0, 300, 301, 831], dtype=torch.int32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
-        out = packed_causal_attention(q, k, v, cu, 0.125)
+        if dtype == "blocks-fp32":
+            from spa_rl.training import _PackedCausalAttention
+
+            out = _PackedCausalAttention.apply(q[0].reshape(2, 2, N, 64), k[0], v[0], 0.125,
+                                               (0, 300, 301, 831)).reshape(1, 4, N, 64)
+        else:
+            out = packed_causal_attention(q, k, v, cu, 0.125)
     out.backward(grad_out)
     assert q.grad.dtype == q.dtype and v.grad.dtype == v.dtype
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -191,7 +200,7 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype):
         leaves[0][:, :, a:b], leaves[1][:, :, a:b], leaves[2][:, :, a:b], scale=0.125, is_causal=True, enable_gqa=True)
         for a, b in [(0, 300), (300, 301), (301, 831)]], dim=2)
     ref.backward(grad_out.float())
-    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    atol = 1e-5 if dtype in (torch.float32, "blocks-fp32") else 3e-2
     assert torch.allclose(out.float(), ref, atol=atol)
     for got, want in zip((q, k, v), leaves):
         assert torch.allclose(got.grad.float(), want.grad, atol=atol * 4), (got.shape, (got.grad.float() - want.grad).abs().max())

@@ -1,15 +1,31 @@
-"""Training helpers shared by the SFT and PPO recipes: batching, chunked log-probs, the learning
-rate schedule, random state (checkpoints: `spa_rl.artifacts`).
+"""Training helpers shared by the SFT and PPO recipes: packed rows, log-probs, the learning rate
+schedule, random state (checkpoints: `spa_rl.artifacts`).
 
-Log-probs without vocabulary-sized logits for every position. A causal LM's `forward` computes
-logits (B, T, V) for every position; with SmolLM2's 49,152-token vocabulary that tensor, its
-softmax and its gradient dominate training memory (MODELS.md), although only the positions
-whose next token is trained matter. `token_logprobs` therefore runs the backbone alone, picks
-the hidden states of those positions, and applies the LM head chunk by chunk. Each chunk is
-wrapped in activation checkpointing, so the backward pass keeps only the (n, H) hidden chunk
-and recomputes its (n, V) logits: peak extra memory is one chunk of logits, whatever the
-number of trained tokens. The recompute costs one more LM-head product on the trained
-positions only (a few percent of a step for SmolLM2).
+The training forward (`token_logprobs`, `packed_hidden_states`), in the order it runs:
+
+1. Packing (`pack_rows`): the real tokens of a padded (B, T) batch are laid end to end in one
+   row, with position ids restarting at 0 for every row and no attention mask. No compute is
+   spent on pads, and micro-batches are bounded by tokens instead of rows x longest row.
+2. Attention within rows only. transformers 5.x reads restarting position ids without a mask as
+   packed sequences and builds a block-diagonal causal mask itself, which is correct but dense
+   (N x N for N packed tokens) and turns off the fused causal kernels. `packed_forward` also
+   passes the flash-attention style `cu_seq_lens_*` row offsets; a model on sdpa is switched to
+   `_packed_sdpa_attention`, which runs causal attention row by row (`packed_causal_attention`)
+   and is plain sdpa for everything else (generation, masks, caches). On CPU the rows go through
+   a block kernel (`_PackedCausalAttention`) whose float32 softmax passes torch.compile fuses:
+   2.2x faster than PyTorch's CPU flash kernel for SmolLM2 rows. flash-attention models on a GPU
+   read the same offsets natively.
+3. The LM head only where a loss is taken. A causal LM's `forward` computes logits (B, T, V) for
+   every position; with SmolLM2's 49,152-token vocabulary that tensor, its softmax and its
+   gradient dominate training memory (MODELS.md), although only the positions whose next token
+   is trained matter. The hidden states of those positions are gathered and the head runs on
+   them in chunks (`head_logprobs`); for a plain linear head the chunk's log-softmax, entropy and
+   their backward are one autograd function (`_LinearHeadLogprobs`) that keeps only the (n, H)
+   hidden chunk and recomputes its (n, V) logits once in backward, so peak extra memory is one
+   chunk of logits whatever the number of trained tokens.
+4. `temperature` divides the logits before the softmax, as the sampler does
+   (`rollout.backend.sample_next`): PPO must score its rollouts at the sampling temperature for
+   the ratio to compare like with like.
 
 Conventions: `positions_mask[b, i]` (like `TokenSequence.loss_mask`) marks token i as a
 target, i.e. the log-prob returned at (b, i) is log p(input_ids[b, i] | input_ids[b, :i]).
@@ -364,12 +380,17 @@ def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torc
     (1, Hkv, N, D) (grouped-query heads: query head h reads key/value head h // (H / Hkv)),
     cu_seqlens (R+1,) row offsets. Returns (1, H, N, D).
 
-    CPU: `_PackedCausalAttention` (compiled query blocks). Other devices: the fused causal
-    `scaled_dot_product_attention` kernel on each row (the flash kernels of a GPU are fast)."""
+    CPU in bf16/fp16 (autocast or half inputs): `_PackedCausalAttention` (compiled query
+    blocks), 1.1-2.2x faster than the CPU flash kernel, forward plus backward, on SmolLM2 and
+    tiny-model rows. Otherwise the fused causal `scaled_dot_product_attention` kernel on each row:
+    in float32 the CPU flash kernel was the faster one (1.3-1.9x), and a GPU's flash kernels are
+    fast."""
     bounds = tuple(int(x) for x in cu_seqlens.tolist())
     H, N, D = query.shape[1:]
     Hkv = key.shape[1]
-    if query.device.type == "cpu":
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
         q = query[0].reshape(Hkv, H // Hkv, N, D)
         out = _PackedCausalAttention.apply(q, key[0], value[0], float(scale), bounds)
         return out.reshape(1, H, N, D)
@@ -382,41 +403,51 @@ def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torc
 def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: exact sdpa, plus a varlen path for packed rows.
 
-    With `cu_seq_lens_q` (passed by `packed_forward`) and no cache, each row of the packed
-    sequence attends causally to itself only (`packed_causal_attention`). The alternative,
-    transformers' own handling of packed position ids under sdpa, is correct too but builds a
-    dense (N, N) block-diagonal mask, which turns off the causal kernel and attends over all N
-    keys (N = the sum of the row lengths). Anything else (generation, padding masks, dropout)
-    goes to transformers' sdpa function unchanged, so a model switched to this implementation
-    computes what it did before.
+    With `cu_seq_lens_q` (passed by `packed_forward`), each row of the packed sequence attends
+    causally to itself only (`packed_causal_attention`) and `attention_mask` (a placeholder,
+    see `packed_forward`) is not read. Anything else (generation, padding masks, caches) goes to
+    transformers' sdpa function unchanged, so a model switched to this implementation computes
+    what it did before.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if (cu is None or dropout or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or query.shape[2] != int(cu[-1])):
+    if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if dropout:
+        raise NotImplementedError("attention dropout is not supported with packed rows")
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] != int(cu[-1]):
+        raise ValueError(f"packed rows need one sequence of {int(cu[-1])} tokens and no cache, got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = packed_causal_attention(query, key, value, cu, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _use_packed_attention(backbone) -> None:
-    """Switch a model that uses sdpa to `_packed_sdpa_attention` (registered once). Models on
-    other implementations keep them: flash-attention reads the same `cu_seq_lens_*` arguments
-    natively, and eager/flex get transformers' block-diagonal mask from the packed position ids."""
+def _use_packed_attention(backbone) -> bool:
+    """Switch a model that uses sdpa to `_packed_sdpa_attention` (registered once); True when the
+    model now runs on it. Models on other implementations keep them: flash-attention reads the
+    same `cu_seq_lens_*` arguments natively, and eager/flex get transformers' block-diagonal mask
+    from the packed position ids. Models with sliding-window layers keep sdpa too (the row-by-row
+    kernel is full causal attention)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(backbone, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return
+    current = getattr(config, "_attn_implementation", None)
+    if current == PACKED_ATTENTION:
+        return True
+    if current != "sdpa" or any(getattr(m, "sliding_window", None) for m in backbone.modules()):
+        return False
     if PACKED_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
         AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    backbone.set_attn_implementation(PACKED_ATTENTION) if hasattr(backbone, "set_attn_implementation") \
-        else setattr(config, "_attn_implementation", PACKED_ATTENTION)
+    if hasattr(backbone, "set_attn_implementation"):
+        backbone.set_attn_implementation(PACKED_ATTENTION)
+    else:
+        config._attn_implementation = PACKED_ATTENTION
+    return config._attn_implementation == PACKED_ATTENTION
 
 
 def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
@@ -425,11 +456,15 @@ def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
     Rows are told apart by their restarting position ids with no attention mask, which is what
     transformers 5.x reads as packed sequences (it then builds a block-diagonal causal mask), and
     by the flash-attention style `cu_seq_lens_*` arguments, which `_packed_sdpa_attention` and
-    flash-attention use to run causal attention row by row without any mask."""
-    _use_packed_attention(backbone)
+    flash-attention use to run causal attention row by row. On `_packed_sdpa_attention` a
+    (1, 1, 1, 1) placeholder stands in for the mask: transformers passes a 4-D mask through as
+    it is, so it skips building the dense (N, N) block mask (144 MB and a noticeable part of a
+    step for 12,000 packed tokens) that the row-by-row kernel would not read."""
+    own_kernel = _use_packed_attention(backbone)
     cu = packed.cu_seqlens.to(packed.input_ids.device)
-    out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
+    mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=cu.device) if own_kernel else None
+    out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
+                   use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
                    max_length_k=packed.max_length)
     return out.last_hidden_state[0]
 
