@@ -1,76 +1,138 @@
-"""Rollout engine throughput against a plain `model.generate` loop, measured in the same run.
+"""Rollout engine throughput against plain `model.generate` loops, measured in the same run.
 
-    python benchmarks/rollout.py [--model default] [--batch 16] [--max-new-tokens 128]
+    python benchmarks/rollout.py [--model default] [--batch 16] [--batches 1] [--max-new-tokens 128]
+    python benchmarks/rollout.py --multi-turn [--groups 2] [--group-size 8] [--turns 3]
 
-Both sides get the same model weights, the same first-turn Sokoban prompts (world-model mode,
-so responses are long), the same batch size, the same token cap and the same stop rule
-(`</answer>` or the end-of-turn token), with sampling at temperature 1.
+Single turn (default): both sides get the same model weights, the same first-turn Sokoban prompts
+(world-model mode, so responses are long; one level per prompt), the same batch size, the same
+token cap and the same stop rule (`</answer>` or the end-of-turn token), sampling at T = 1.
 - baseline: fp32 model, `model.generate(do_sample=True, stop_strings=...)` batch by batch;
-- engine: `HFBackend` (KV cache, finished rows dropped) on the dtype `--dtype` selects (auto = bf16 here).
-Tokens counted are generated tokens up to and including each row's stop; padding is not counted.
-Prints tokens/s for each and the ratio.
+- engine: `HFBackend.generate` (bf16 where the CPU has it, shared prompt prefixes, KV buffers).
+
+Multi-turn (`--multi-turn`, the RL workload): `groups` Sokoban levels x `group-size` samples each,
+world-model prompts, up to `turns` turns of up to `max-new-tokens` tokens, played to the end by
+`run_rollouts` on each side:
+- baseline: a backend whose `generate` is `model.generate` (fp32), driven turn by turn: every
+  turn it re-sends each running episode's whole context, as a plain implementation does (it
+  returns no log-probs, which saves it work);
+- engine: `HFBackend` through `run_rollouts`' fast path (KV kept across turns, one prefill per
+  group, continuous batching).
+
+Tokens counted are generated tokens up to and including each row's stop. Both modes print the
+decode roofline of this machine: the bytes one engine decode step reads (bf16 weights plus the
+K/V the step attends over, each shared prefix once) over the memory bandwidth measured in this
+run, beside the engine's measured time per decode step; and the load average (the machine is
+shared: figures taken under load are worse).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--batches", type=int, default=2, help="batches timed on each side")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
+
+def memory_bandwidth_gbs() -> float:
+    """Read bandwidth: best of 3 sums over a 512 MB tensor (far larger than the caches)."""
+    x = torch.ones(128 * 2 ** 20)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def decoder_weight_bytes(decoder) -> int:
+    """Bytes of weights one decode step reads (every matrix and norm; embedding rows excluded)."""
+    n = decoder.final_norm.numel()
+    linears = [decoder.head] + [m for layer in decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    n += sum(lin.numel for lin in linears)
+    n += sum(layer.ln1.numel() + layer.ln2.numel() for layer in decoder.layers)
+    return n * torch.finfo(decoder.dtype).bits // 8
+
+
+def roofline(backend, bandwidth: float) -> str:
+    """The engine's decode steps against weights + K/V bytes per step over `bandwidth`."""
+    st, dec = backend.last_stats, backend.decoder()
+    steps = max(st["decode_steps"], 1)
+    kv_token_bytes = 2 * dec.n_layers * dec.n_kv_heads * dec.head_dim * torch.finfo(dec.dtype).bits // 8
+    w = decoder_weight_bytes(dec)
+    kv = st["kv_tokens_read"] / steps * kv_token_bytes
+    rows = st["decode_rows"] / steps
+    bound_ms = (w + kv) / (bandwidth * 1e9) * 1e3
+    measured_ms = st["decode_s"] / steps * 1e3
+    return (f"decode roofline: {w / 1e6:.0f} MB weights + {kv / 1e6:.0f} MB K/V per step at {bandwidth:.1f} GB/s "
+            f"= {bound_ms:.1f} ms per step ({rows / bound_ms * 1e3:.0f} tokens/s at {rows:.1f} rows); "
+            f"measured {measured_ms:.1f} ms per step ({rows / measured_ms * 1e3:.0f} tokens/s), "
+            f"{measured_ms / bound_ms:.1f}x the bound; prefill {st['prefill_tokens']} tokens in {st['prefill_s']:.1f} s")
+
+
+class GenerateBaseline:
+    """`generate(prompts, params)` by `model.generate`, left-padded batches: what a plain
+    implementation runs every turn."""
+
+    def __init__(self, model, tokenizer, batch: int):
+        self.model, self.tok, self.batch = model, tokenizer, batch
+        self.stops = {tokenizer.eos_token_id}
+
+    def generate(self, prompts, params):
+        from spa_rl.rollout.backend import Generation
+
+        pad, out_gens = self.tok.pad_token_id, []
+        for s in range(0, len(prompts), self.batch):
+            chunk = [list(p) for p in prompts[s:s + self.batch]]
+            L = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk])
+            att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0,
+                                          top_p=1.0, top_k=0, max_new_tokens=params.max_new_tokens,
+                                          stop_strings=list(params.stop_strings), tokenizer=self.tok,
+                                          pad_token_id=pad)
+            for row in out[:, L:].tolist():
+                out_gens.append(self._trim(row, params))
+        return out_gens
+
+    def _trim(self, row, params):
+        """The row up to its stop (rows that stopped early are padded after it)."""
+        from spa_rl.rollout.backend import Generation
+
+        text = ""
+        for i, t in enumerate(row):
+            if t in self.stops:
+                return Generation(row[:i + 1], [0.0] * (i + 1), "eos")
+            text += self.tok.decode([t])
+            if any(s in text[-40:] for s in params.stop_strings):
+                return Generation(row[:i + 1], [0.0] * (i + 1), "stop")
+        return Generation(row, [0.0] * len(row), "length")
+
+
+def single_turn(args, model32, model_fast, tok, chat, bandwidth):
     from spa_rl.agent import EpisodeConfig
-    from spa_rl.models import load_model_and_tokenizer
     from spa_rl.rollout.backend import HFBackend, SamplingParams
     from spa_rl.rollout.engine import make_episodes
-    from spa_rl.tokens import ChatTokenizer
 
-    model32, tok = load_model_and_tokenizer(args.model, dtype="fp32")
-    model_fast, _ = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    chat = ChatTokenizer(tok)
     n = args.batch * args.batches
     eps = make_episodes("sokoban", "val", 0, n, 1, EpisodeConfig(mode="world-model"))
     prompts = [chat.prompt_ids(ep.messages) for _, ep in eps]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    print(f"model={args.model} batch={args.batch} batches={args.batches} max_new_tokens={args.max_new_tokens} "
+    print(f"single turn: batch={args.batch} batches={args.batches} max_new_tokens={args.max_new_tokens} "
           f"prompt tokens mean={sum(map(len, prompts)) / n:.0f} threads={torch.get_num_threads()}")
 
-    # -- baseline: model.generate, fp32 ------------------------------------------------------
     torch.manual_seed(0)
-    base_tokens, t0 = 0, time.perf_counter()
-    pad = tok.pad_token_id
-    for s in range(0, n, args.batch):
-        chunk = prompts[s:s + args.batch]
-        L = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk])
-        att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
-        with torch.inference_mode():
-            out = model32.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0, top_p=1.0,
-                                   top_k=0, max_new_tokens=args.max_new_tokens, stop_strings=list(params.stop_strings),
-                                   tokenizer=tok, pad_token_id=pad)
-        stops = {pad, tok.eos_token_id}
-        for row in out[:, L:].tolist():
-            # up to and including the first end-of-turn/pad token (rows stopped by a stop string
-            # are padded after it, so that counts one token more than they made: in the
-            # baseline's favour)
-            k = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            base_tokens += k
+    t0 = time.perf_counter()
+    base = GenerateBaseline(model32, tok, args.batch).generate(prompts, params)
     base_s = time.perf_counter() - t0
+    base_tokens = sum(len(g.token_ids) for g in base)
 
-    # -- engine ------------------------------------------------------------------------------
-    backend = HFBackend(model_fast, tok, max_batch_size=args.batch, seed=0)
+    backend = HFBackend(model_fast, tok, max_batch_size=args.batch, seed=0, dtype=args.dtype)
     backend.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up (first-call allocations)
     t0 = time.perf_counter()
     gens = backend.generate(prompts, params)
@@ -79,9 +141,82 @@ def main() -> None:
 
     base_tps, eng_tps = base_tokens / base_s, eng_tokens / eng_s
     print(f"baseline model.generate fp32: {base_tokens} tokens in {base_s:.1f} s = {base_tps:.1f} tokens/s")
-    print(f"engine HFBackend {str(next(model_fast.parameters()).dtype)}: {eng_tokens} tokens in {eng_s:.1f} s = "
-          f"{eng_tps:.1f} tokens/s")
+    print(f"engine HFBackend {backend.compute_dtype()}: {eng_tokens} tokens in {eng_s:.1f} s = {eng_tps:.1f} tokens/s")
+    print(roofline(backend, bandwidth))
+    print(load_average())
     print(f"ratio engine/baseline: {eng_tps / base_tps:.2f}x")
+
+
+def multi_turn(args, model32, model_fast, tok, chat, bandwidth):
+    from spa_rl.agent import EpisodeConfig
+    from spa_rl.rollout.backend import HFBackend, SamplingParams
+    from spa_rl.rollout.engine import make_episodes, run_rollouts
+
+    cfg = EpisodeConfig(mode="world-model", max_turns=args.turns)
+    n = args.groups * args.group_size
+    batch = args.batch or n
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    print(f"multi-turn: {args.groups} levels x {args.group_size} samples, up to {args.turns} turns of "
+          f"{args.max_new_tokens} tokens, batch {batch}, threads={torch.get_num_threads()}")
+
+    def play(backend):
+        episodes = make_episodes("sokoban", "val", 0, args.groups, args.group_size, cfg)
+        t0 = time.perf_counter()
+        rollouts = run_rollouts(episodes, backend, chat, params)
+        seconds = time.perf_counter() - t0
+        tokens = sum(r.response_tokens for r in rollouts)
+        turns = sum(len(r.turns) for r in rollouts)
+        context = max(len(r.sequence) for r in rollouts)
+        return tokens, seconds, turns, context
+
+    torch.manual_seed(0)
+    b_tokens, b_s, b_turns, b_ctx = play(GenerateBaseline(model32, tok, batch))
+    backend = HFBackend(model_fast, tok, max_batch_size=batch, seed=0, dtype=args.dtype)
+    backend.generate([chat.prompt_ids(make_episodes("sokoban", "val", 0, 1, 1, cfg)[0][1].messages)],
+                     SamplingParams(max_new_tokens=4))  # warm-up
+    e_tokens, e_s, e_turns, e_ctx = play(backend)
+    b_tps, e_tps = b_tokens / b_s, e_tokens / e_s
+    print(f"baseline model.generate fp32, turn by turn: {b_tokens} tokens ({b_turns} turns, longest context "
+          f"{b_ctx}) in {b_s:.1f} s = {b_tps:.1f} tokens/s")
+    print(f"engine HFBackend {backend.compute_dtype()}: {e_tokens} tokens ({e_turns} turns, longest context {e_ctx}) "
+          f"in {e_s:.1f} s = {e_tps:.1f} tokens/s")
+    print(roofline(backend, bandwidth))
+    print(load_average())
+    print(f"multi-turn ratio engine/baseline: {e_tps / b_tps:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--multi-turn", action="store_true", help="the multi-turn RL workload instead of one turn")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (single turn: 16; multi-turn: all episodes)")
+    ap.add_argument("--batches", type=int, default=1, help="single turn: batches timed on each side")
+    ap.add_argument("--groups", type=int, default=2, help="multi-turn: levels")
+    ap.add_argument("--group-size", type=int, default=8, help="multi-turn: samples per level")
+    ap.add_argument("--turns", type=int, default=3, help="multi-turn: most turns per episode")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto", help="engine compute dtype")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from spa_rl.models import load_model_and_tokenizer, resolve_dtype
+    from spa_rl.tokens import ChatTokenizer
+
+    print(load_average())
+    model32, tok = load_model_and_tokenizer(args.model, dtype="fp32")
+    # the engine copies the weights into its compute dtype itself; give it the same fp32 model
+    # a recipe would pass
+    model_fast = model32
+    chat = ChatTokenizer(tok)
+    bandwidth = memory_bandwidth_gbs()
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s; engine dtype {resolve_dtype(args.dtype)}")
+    if args.multi_turn:
+        multi_turn(args, model32, model_fast, tok, chat, bandwidth)
+    else:
+        args.batch = args.batch or 16
+        single_turn(args, model32, model_fast, tok, chat, bandwidth)
 
 
 if __name__ == "__main__":
