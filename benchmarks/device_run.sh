@@ -46,6 +46,5 @@ if [ "$DEVICE" != cpu ]; then
   part torchrun_sft 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m spa_rl.cli sft \
       --data "$OUT/runs/data" --model tiny $D --epochs 1 --batch 4 --micro-batch 2 --out "$OUT/runs/sft-ddp"
 fi
-part rollout_engine 240 $PY benchmarks/rollout.py --model shape:smollm2-135m --device "$DEVICE" --batch 16 \
-    --batches 1 --max-new-tokens 128
+part rollout_engine 240 $PY benchmarks/gpu_engine.py --device "$DEVICE" --batch 16 --max-new-tokens 128
 
