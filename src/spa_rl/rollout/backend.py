@@ -132,8 +132,9 @@ class HFBackend:
     max_batch_size: int = 32
     seed: int = 0
     eos_token_ids: tuple[int, ...] = field(default=())
-    # compute dtype of the engine: "auto" = bf16 where the device computes it natively (an
-    # fp32 model is copied to bf16 for decoding), else the model's dtype
+    # compute dtype of the engine: "auto" = the model's dtype, so that an fp32 model samples
+    # with the log-probs its fp32 training forward computes (the recipes pass a bf16 model, or
+    # a bf16 rollout copy, where bf16 is wanted); "bf16"/"fp32" force one
     dtype: str | torch.dtype = "auto"
     # "auto": the rollout engine where the architecture is supported, else the HF forward;
     # "hf": always the HF forward (reference and fallback)
@@ -178,13 +179,8 @@ class HFBackend:
         from spa_rl.models import resolve_dtype
 
         if self.dtype != "auto":
-            return resolve_dtype(self.dtype)
-        model_dtype = next(self.model.parameters()).dtype
-        if model_dtype != torch.float32:
-            return model_dtype
-        if self.device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return resolve_dtype("auto") if self.device.type == "cpu" else torch.float32
+            return resolve_dtype(self.dtype, self.device)
+        return next(self.model.parameters()).dtype
 
     def decoder(self):
         """The engine's weight snapshot, rebuilt when the model's weights have changed."""
