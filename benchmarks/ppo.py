@@ -7,6 +7,10 @@ Runs `spa train` in this process on the given model with `groups x group_size` e
 reads the per-phase timings the recipe logs. Validation is shrunk to one level so that it
 does not dominate; its time is not part of the step timings. Peak memory is the process's
 maximum resident set (ru_maxrss), compared with the 8 GiB budget of issue 5.
+
+The update phase (old log-probs, then the mini-batch updates) runs through
+`training.token_logprobs`: rows packed without padding, bf16 block attention, the fused LM-head
+backward. The critic's forward and the loss normalisation are recipes/train.py's own.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def main() -> None:
     from spa_rl.config import load_config
     from spa_rl.recipes import train
 
+    import os
+
+    load_start = os.getloadavg()
     out = Path(tempfile.mkdtemp(prefix="spa-ppo-bench-"))
     cfg = load_config(train.Config, dict(
         env=args.env, model=args.model, steps=args.steps, groups=args.groups, group_size=args.group_size,
@@ -56,6 +63,9 @@ def main() -> None:
     print(f"mean seconds per step: rollout {mean['time/rollout_s']:.1f}, scoring {mean['time/scoring_s']:.3f}, "
           f"update {mean['time/update_s']:.1f}, total {mean['time/step_s']:.1f}")
     print(f"peak memory (max RSS): {peak_gib:.2f} GiB = {peak_gib / BUDGET_GIB:.2f}x the {BUDGET_GIB:.0f} GiB budget")
+    load_end = os.getloadavg()
+    print("load average at the start " + " ".join(f"{x:.2f}" for x in load_start) + ", at the end "
+          + " ".join(f"{x:.2f}" for x in load_end))
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     """log p(target) (and the entropy) of softmax(hidden @ W^T / temperature), with a hand-written
     backward. Autograd through `logsumexp` would keep or recompute the (n, V) float32 logits and
     run several V-sized passes (exp, sub, mul) in its backward; here the backward recomputes the
-    logits once and forms dlogits = g * (onehot - p) (plus the entropy term) in place, which on
-    SmolLM2's 49,152-token vocabulary made the loss part of an SFT step about 3x cheaper.
+    logits once and forms dlogits = g * (onehot - p) (plus the entropy term) in place. Profiled
+    on a SmolLM2 SFT step (616 trained tokens, 49,152-token vocabulary): 0.56 s for the whole
+    head, matmuls included, where logsumexp's forward, recompute and backward alone took 1.4 s.
     Saved for backward: the (n, H) hidden chunk and one float per row."""
 
     @staticmethod
