@@ -40,6 +40,9 @@ import yaml
 
 from spa_rl.errors import ConfigError
 
+# The top-level key of a run's config.yaml that records how it ran (not a config field).
+RUNTIME_KEY = "runtime"
+
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None):
     """A config field with its one-line help text (shown by `--help`) and allowed values."""
@@ -270,7 +273,11 @@ def load_config(cls, args: argparse.Namespace | dict | None = None, yaml_path: s
         explicit = flatten_values(cls, mapping)
     if yaml_path:
         path = Path(yaml_path)
-        values.update(flatten_values(cls, _read_yaml(path), where=f"{path}: "))
+        loaded = _read_yaml(path)
+        # A run's config.yaml also records how it ran (`save_config(..., runtime=...)`): for
+        # readers only, so a run's file given back as --config repeats the run anywhere.
+        loaded.pop(RUNTIME_KEY, None)
+        values.update(flatten_values(cls, loaded, where=f"{path}: "))
     values.update(explicit)
     cfg = build(cls, values)
     validate(cfg)
@@ -313,10 +320,15 @@ def config_to_dict(cfg) -> dict:
     return out
 
 
-def save_config(cfg, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
-    """Write the resolved config beside a run's outputs (atomically)."""
+def save_config(cfg, out_dir: str | os.PathLike, name: str = "config.yaml", runtime: dict | None = None) -> Path:
+    """Write the resolved config beside a run's outputs (atomically). `runtime`: how the run ran
+    (world size, backend, device type, dtype), written after the fields under a top-level
+    `runtime:` key, which `load_config` skips."""
     from spa_rl.artifacts import atomic_write_text
 
     path = Path(out_dir) / name
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    values = config_to_dict(cfg)
+    if runtime is not None:
+        values[RUNTIME_KEY] = dict(runtime)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spa_rl import runtime
 from spa_rl.models.tiny import _byte_to_char
 from spa_rl.config import load_config
 from spa_rl.recipes.generate import Config as GenerateConfig
@@ -180,7 +181,8 @@ def test_tiny_model_learns_below_bound(short_data, tmp_path):
 
     model, tok = load_model_and_tokenizer(str(tmp_path / "run" / "final"), dtype="fp32")
     rows, _ = tokenize_rows(ChatTokenizer(tok), load_rows(cfg.data, "train"), cfg.max_length, False)
-    loss = evaluate_loss(model, rows, cfg, tok.pad_token_id, torch.device("cpu"), "fp32")
+    rt = runtime.setup(device="cpu", dtype="fp32", distributed=False)
+    loss = evaluate_loss(model, rows, cfg, tok.pad_token_id, rt)
     print(f"tiny-model loss after training: {loss:.3f}")
     assert loss < 2.0
     first = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0]

@@ -21,6 +21,12 @@
 4. After every epoch: validation loss, then a checkpoint `checkpoint-epoch-N/` in the layout of
    `spa_rl.artifacts` (written atomically); `final` links to the last.
 
+Device, dtype and ranks come from `spa_rl.runtime`. Under `torchrun --nproc-per-node N` the run
+is data parallel: every rank reads the same rows and draws the same epoch order, takes its
+`rt.shard` of each global batch (`batch` rows over all ranks), divides its loss by the trained
+tokens of the whole global batch and sums the gradients over ranks before clipping, so each
+optimizer step is the one-process step up to float rounding. Rank 0 prints, logs and writes.
+
 A plain PyTorch loop rather than `transformers.Trainer`: exact control of the loss mask and its
 normalisation, logits only where the mask needs them, and no framework overhead on CPU.
 """
@@ -31,7 +37,6 @@ import copy
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,29 +129,13 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int):
 # ---- model -----------------------------------------------------------------------------------
 
 
-def autocast_context(precision: str, device):
-    import torch
-
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def resolve_precision(precision: str) -> str:
-    from spa_rl.models.loading import resolve_dtype
-    import torch
-
-    if precision != "auto":
-        return precision
-    return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
-
-
-def load_for_training(cfg: Config, resume_from: Path | None):
-    """(model, tokenizer) in fp32, LoRA-wrapped if asked, with the checkpoint's weights on resume."""
+def load_for_training(cfg: Config, resume_from: Path | None, device="cpu"):
+    """(model, tokenizer) in fp32 on `device`, LoRA-wrapped if asked, with the checkpoint's
+    weights on resume."""
     from spa_rl.models import load_model_and_tokenizer
 
     source = str(resume_from) if resume_from is not None and not cfg.lora else cfg.model.name
-    model, tokenizer = load_model_and_tokenizer(source, dtype="fp32")
+    model, tokenizer = load_model_and_tokenizer(source, dtype="fp32", device=device)
     if cfg.lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -156,45 +145,52 @@ def load_for_training(cfg: Config, resume_from: Path | None):
             model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                      lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                                                      task_type="CAUSAL_LM"))
+        model.to(device)  # the adapters are created on the CPU
     if cfg.gradient_checkpointing:
         from spa_rl.training import enable_activation_checkpointing
         enable_activation_checkpointing(model)
     return model, tokenizer
 
 
-def evaluate_loss(model, examples, cfg: Config, pad_id: int, device, precision: str) -> float:
-    """Token-mean cross-entropy over all trained tokens of `examples`."""
+def evaluate_loss(model, examples, cfg: Config, pad_id: int, rt) -> float:
+    """Token-mean cross-entropy over all trained tokens of `examples`; each rank scores its
+    shard of the rows and the sums are added over ranks."""
     import torch
 
     from spa_rl.training import masked_nll_sum
 
     model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast_context(precision, device):
-        for mb in micro_batches(examples, range(len(examples)), cfg.micro_batch, cfg.micro_batch_tokens):
-            ids, mask, attn = _tensors(examples, mb, pad_id, device)
+    sums = torch.zeros(2, dtype=torch.float64)  # nll, trained tokens
+    with torch.no_grad(), rt.autocast():
+        for mb in micro_batches(examples, rt.shard(range(len(examples))), cfg.micro_batch, cfg.micro_batch_tokens):
+            ids, mask, attn = _tensors(examples, mb, pad_id, rt.device)
             nll, n = masked_nll_sum(model, ids, attn, mask, cfg.loss_chunk)
-            total, count = total + float(nll), count + n
+            sums += torch.tensor([float(nll), n], dtype=torch.float64)
     model.train()
+    total, count = rt.all_reduce(sums, "sum").tolist()
     return total / max(count, 1)
 
 
-def train_step(model, optimizer, scheduler, examples, batch, cfg: Config, pad_id: int, device, precision: str) -> dict:
-    """One optimizer step on the global batch `batch` (indices into `examples`); returns its stats."""
+def train_step(model, optimizer, scheduler, examples, batch, cfg: Config, pad_id: int, rt) -> dict:
+    """One optimizer step on the global batch `batch` (indices into `examples`), this rank
+    computing its shard of the rows; returns the step's stats over all ranks."""
     import torch
 
     from spa_rl.training import masked_nll_sum
 
     t0 = time.perf_counter()
+    # Every rank holds every row, so the global batch's trained-token count needs no message.
     n_trained = sum(sum(examples[i][1][1:]) for i in batch)  # targets of this step (position 0 never is)
     loss_sum, tokens = 0.0, 0
-    for mb in micro_batches(examples, batch, cfg.micro_batch, cfg.micro_batch_tokens):
-        ids, mask, attn = _tensors(examples, mb, pad_id, device)
-        with autocast_context(precision, device):
+    for mb in micro_batches(examples, rt.shard(batch), cfg.micro_batch, cfg.micro_batch_tokens):
+        ids, mask, attn = _tensors(examples, mb, pad_id, rt.device)
+        with rt.autocast():
             nll, _ = masked_nll_sum(model, ids, attn, mask, cfg.loss_chunk)
-        (nll / n_trained).backward()  # token mean over the whole global batch, not per micro-batch
+        (nll / n_trained).backward()  # token mean over the whole global batch, not per micro-batch or rank
         loss_sum += float(nll.detach())
         tokens += int(attn.sum())
+    # Each rank's gradient is its share of the global mean: their sum is the full-batch gradient.
+    rt.sync_gradients(model, op="sum")
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     finite = bool(torch.isfinite(grad_norm))
@@ -203,9 +199,11 @@ def train_step(model, optimizer, scheduler, examples, batch, cfg: Config, pad_id
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
+    loss_sum, tokens = rt.all_reduce(torch.tensor([loss_sum, tokens], dtype=torch.float64), "sum").tolist()
     seconds = time.perf_counter() - t0
     return {"loss": loss_sum / n_trained, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds,
-            "tokens": tokens, "trained_tokens": n_trained, "seconds": seconds, "skipped_nonfinite": int(not finite)}
+            "tokens": int(tokens), "trained_tokens": n_trained, "seconds": seconds,
+            "skipped_nonfinite": int(not finite)}
 
 
 def _tensors(examples, mb, pad_id, device):
@@ -234,28 +232,29 @@ def save_epoch(cfg: Config, run: Path, epoch: int, model, tokenizer, state: dict
 
 def main(cfg: Config) -> int:
     import torch
-    from tqdm.auto import tqdm
 
+    from spa_rl import runtime
     from spa_rl.artifacts import MetricsLog, check_new_or_resume, load_trainer_state
     from spa_rl.data import load_rows
     from spa_rl.tokens import ChatTokenizer
     from spa_rl.training import optimizer_and_schedule, rng_state, set_rng_state
 
+    rt = runtime.setup(device=cfg.model.device, dtype=cfg.model.dtype)
     run = Path(cfg.out)
     resume_from = check_new_or_resume(run, cfg.resume)
-    if resume_from is not None:
+    rt.barrier()  # every rank has looked at --out before rank 0 writes into it
+    if resume_from is not None and rt.is_main:
         _warn_config_changes(cfg, resume_from)
     # the data first: a bad dataset fails in a second, before any model is loaded
     splits = {s: load_rows(cfg.data, s)[:cfg.max_rows] for s in ("train", "validation")}
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(cfg.model.dtype)
+    rt.main_only(_write_config, cfg, run, rt)
     torch.manual_seed(cfg.seed)
 
     # 1. data -> token ids and loss masks (the rollout's token path)
-    model, tokenizer = load_for_training(cfg, resume_from)
-    model.to(device).train()
+    with rt.main_first():  # rank 0 builds a model cache (tiny, default) once; the others load it
+        model, tokenizer = load_for_training(cfg, resume_from, rt.device)
+    rt.broadcast_parameters(model)  # every rank starts from rank 0's weights (LoRA's random init)
+    model.train()
     chat = ChatTokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id
     train, skipped = tokenize_rows(chat, splits["train"], cfg.max_length, cfg.mask_world_model)
@@ -265,12 +264,13 @@ def main(cfg: Config) -> int:
     steps_per_epoch = math.ceil(len(train) / cfg.batch)
     total_steps = cfg.epochs * steps_per_epoch
     lengths = [len(x) for x, _ in train]
-    print(f"spa sft: {len(train)} train rows ({skipped} over max_length {cfg.max_length} skipped), {len(val)} "
-          f"validation rows ({val_skipped} skipped); tokens/row mean {sum(lengths) / len(lengths):.0f} max "
-          f"{max(lengths)}; trained tokens {sum(sum(m) for _, m in train)}")
-    print(f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch} rows = {total_steps} steps; "
-          f"{'LoRA' if cfg.lora else 'full'} finetuning, {precision}, device {device}, model {cfg.model.name}"
-          + (", world-model spans masked (ablation)" if cfg.mask_world_model else ""))
+    rt.print(f"spa sft: {len(train)} train rows ({skipped} over max_length {cfg.max_length} skipped), {len(val)} "
+             f"validation rows ({val_skipped} skipped); tokens/row mean {sum(lengths) / len(lengths):.0f} max "
+             f"{max(lengths)}; trained tokens {sum(sum(m) for _, m in train)}")
+    rt.print(f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch} rows = {total_steps} steps; "
+             f"{'LoRA' if cfg.lora else 'full'} finetuning, {runtime.dtype_name(rt.dtype)}, device {rt.device}"
+             + (f" x {rt.world_size} ranks ({rt.backend})" if rt.distributed else "") + f", model {cfg.model.name}"
+             + (", world-model spans masked (ablation)" if cfg.mask_world_model else ""))
 
     # 2. optimizer, schedule, and the resumed state
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optim, total_steps)
@@ -281,15 +281,16 @@ def main(cfg: Config) -> int:
         scheduler.load_state_dict(state["schedulers"]["model"])
         set_rng_state(state["rng"])
         step, start_epoch = state["counters"]["step"], state["counters"]["epoch"] + 1
-        print(f"resumed from {resume_from} (epoch {start_epoch - 1}, step {step})")
-    log = MetricsLog(run, resume_step=step if resume_from is not None else None, tb_prefix="sft/")
+        rt.print(f"resumed from {resume_from} (epoch {start_epoch - 1}, step {step})")
+    log = MetricsLog(run, resume_step=step if resume_from is not None else None, tb_prefix="sft/",
+                     enabled=rt.is_main)
 
     # 3. epochs of accumulated micro-batches
-    bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step")
+    bar = rt.progress(total=total_steps, initial=step, desc="sft", unit="step")
     for epoch in range(start_epoch, cfg.epochs + 1):
         for batch in epoch_batches(len(train), cfg.batch, cfg.seed, epoch):
-            record = {"epoch": epoch,
-                      **train_step(model, optimizer, scheduler, train, batch, cfg, pad_id, device, precision)}
+            record = {"epoch": epoch, **train_step(model, optimizer, scheduler, train, batch, cfg, pad_id, rt),
+                      "runtime/world_size": rt.world_size}
             step += 1
             log.log(step, record)
             bar.update(1)
@@ -297,17 +298,28 @@ def main(cfg: Config) -> int:
                             tok_s=f"{record['tokens_per_second']:.0f}")
 
         # 4. validation loss and an atomic checkpoint after every epoch
-        val_loss = evaluate_loss(model, val, cfg, pad_id, device, precision) if val else None
+        val_loss = evaluate_loss(model, val, cfg, pad_id, rt) if val else None
         if val_loss is not None:
             log.log(step, {"epoch": epoch, "val_loss": val_loss})
         state = {"counters": {"step": step, "epoch": epoch}, "optimizers": {"model": optimizer.state_dict()},
                  "schedulers": {"model": scheduler.state_dict()}, "rng": rng_state()}
-        path = save_epoch(cfg, run, epoch, model, tokenizer, state)
-        bar.write(f"epoch {epoch}: " + (f"val_loss {val_loss:.4f}; " if val else "") + f"saved {path}")
+        path = rt.main_only(save_epoch, cfg, run, epoch, model, tokenizer, state)
+        if rt.is_main:
+            bar.write(f"epoch {epoch}: " + (f"val_loss {val_loss:.4f}; " if val else "") + f"saved {path}")
     bar.close()
     log.close()
-    print(f"done: {run / 'final'}; evaluate with `spa eval --model {run / 'final'}`")
+    rt.print(f"done: {run / 'final'}; evaluate with `spa eval --model {run / 'final'}`")
+    rt.close()
     return 0
+
+
+def _write_config(cfg: Config, run: Path, rt) -> None:
+    """config.yaml, with how the run ran (rank 0's device type stands for every rank's)."""
+    from spa_rl.runtime import dtype_name
+
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run, runtime={"world_size": rt.world_size, "backend": rt.backend, "device": rt.device.type,
+                                   "dtype": dtype_name(rt.dtype)})
 
 
 def _warn_config_changes(cfg: Config, checkpoint: Path) -> None:

@@ -15,6 +15,15 @@
   7. validate  on the fixed validation levels (the `spa eval` config and loop), every eval_every;
   8. save      a checkpoint (spa_rl.artifacts layout), every save_every and at the end.
 
+Device, dtype and ranks come from `spa_rl.runtime`. Under `torchrun --nproc-per-node N` the
+step is data parallel and means what it means in one process: each rank plays its share of the
+groups (whole groups, the same level seeds), every rank gathers all episodes, so the filter,
+the advantages and their whitening and the loss denominators see the whole step; the scoring
+forwards and each mini-batch's micro-batches are split over ranks, and gradients are summed
+over ranks before clipping. Validation splits the levels and summarises all episodes once.
+Rank 0 prints, logs and writes. With `rollout_seeding=group` an episode draws the same tokens
+whatever the number of processes (tests/recipes/test_distributed.py).
+
 Departures from the reference (SPEC 5, 8), each a flag:
 - the loss covers the sampled assistant tokens (`loss_tokens=assistant`); `all-after-system`
   reproduces the reference, which also trains on environment text;
@@ -75,6 +84,11 @@ class Config:
     mini_batch: int = option(0, "episodes per optimizer step (0 = all kept episodes)")
     micro_batch: int = option(1, "episodes per forward/backward (gradient accumulation)")
     gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory)")
+    rollout_seeding: str = option("rank", "rank: one sampler per step and rank, all its episodes decoded together "
+                                          "(fast; the tokens depend on the number of processes); group: one "
+                                          "sampler per group (level), groups decoded one after another (slower; "
+                                          "the same tokens on 1 or N processes), also for validation",
+                                  choices=("rank", "group"))
     eval_every: int = option(10, "validate every N steps (0 = only at the start and the end)")
     save_every: int = option(100, "checkpoint every N steps (and at the end)")
     seed: int = option(0, "seed for sampling and mini-batch order")
@@ -172,6 +186,10 @@ class PPOBatch:
         return PPOBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
                            for f in fields(self)})
 
+    def to(self, device) -> "PPOBatch":
+        return PPOBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                           for f in fields(self)})
+
 
 @dataclass
 class Models:
@@ -181,7 +199,6 @@ class Models:
     ref: torch.nn.Module | None
     tokenizer: object
     chat: object
-    bf16: bool
 
 
 def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) -> PPOBatch:
@@ -202,21 +219,45 @@ def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) 
                     group_ids=torch.tensor([r.group for r in rollouts]))
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (a group's sampler: seed, stream, level index)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) & (2**63 - 1) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sampler_blocks(shard: range, first_level: int, seed: int, cfg: Config, rt, stream: int) -> list[tuple]:
+    """How this rank samples its `shard` of levels first_level + i: (i, number of levels, sampler
+    seed) blocks. rollout_seeding=rank: one block, with the rank's seed (rank 0 keeps `seed`,
+    so one process draws what it always drew). group: one block per level, seeded by the seed,
+    the stream (0 train, 1 validation) and the level index alone."""
+    from spa_rl.runtime import rank_seed
+
+    if cfg.rollout_seeding == "rank":
+        return [(shard.start, len(shard), rank_seed(seed, rt.rank))] if len(shard) else []
+    return [(i, 1, mixed_seed(cfg.seed, stream, first_level + i)) for i in shard]
 
 
 # ---- 1. collect ------------------------------------------------------------------------------
-def collect(models: Models, cfg: Config, step: int) -> list:
-    """Play `groups x group_size` episodes. Level seeds advance by `groups` each step and
-    sampling is seeded by the step, so a resumed run draws the episodes an uninterrupted one would."""
+def collect(models: Models, cfg: Config, step: int, rt) -> list:
+    """Play this rank's share of the step's `groups x group_size` episodes (whole groups).
+    Group g plays train level `step * groups + g` whatever the number of ranks, and sampling is
+    seeded by the step, so a resumed run draws the episodes an uninterrupted one would. Returns
+    this rank's rollouts, numbered by their group in the whole step."""
     from spa_rl.rollout.engine import run_rollouts
     from spa_rl.rollout.setup import make_backend, make_level_episodes, sampling_params
 
-    backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed=cfg.seed * 1_000_003 + step)
-    episodes = make_level_episodes(cfg.env, cfg.episode, "train", step * cfg.groups, cfg.groups, cfg.group_size)
-    return run_rollouts(episodes, backend, models.chat, sampling_params(cfg.sampling),
-                        cfg.episode.max_context_tokens)
+    first = step * cfg.groups
+    rollouts = []
+    for g, n, seed in sampler_blocks(rt.shard_range(cfg.groups), first, cfg.seed * 1_000_003 + step, cfg, rt, 0):
+        backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed=seed)
+        episodes = make_level_episodes(cfg.env, cfg.episode, "train", first + g, n, cfg.group_size)
+        block = run_rollouts(episodes, backend, models.chat, sampling_params(cfg.sampling),
+                             cfg.episode.max_context_tokens)
+        for r in block:
+            r.group += g
+        rollouts += block
+    return rollouts
 
 
 # ---- 2. score, 3. filter ---------------------------------------------------------------------
@@ -259,33 +300,37 @@ def scoring_temperature(cfg: Config) -> float:
 
 
 @torch.no_grad()
-def forward_no_grad(actor, critic, batch: PPOBatch, bf16: bool, micro: int, temperature: float = 1.0):
-    """Log-probs (training forward, at `temperature`) and values, micro-batch by micro-batch."""
+def forward_no_grad(actor, critic, batch: PPOBatch, rt, micro: int, temperature: float = 1.0):
+    """Log-probs (training forward, at `temperature`) and values of every episode of `batch`,
+    micro-batch by micro-batch, the micro-batches split over ranks."""
     from spa_rl.training import token_logprobs
 
     logprobs = torch.zeros_like(batch.rewards)
     values = torch.zeros_like(batch.rewards)
-    for s in range(0, len(batch), micro):
+    for s in rt.shard(range(0, len(batch), micro)):
         sl = slice(s, s + micro)
-        with autocast(bf16):
+        with rt.autocast():
             logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl],
                                           temperature=temperature)
             if critic is not None:
                 values[sl] = critic(batch.input_ids[sl], batch.attention_mask[sl])
+    # Each rank filled its own rows and left zeros elsewhere: the sum over ranks is every row, exactly.
+    rt.all_reduce(logprobs, "sum")
+    rt.all_reduce(values, "sum")
     return logprobs, values * batch.mask
 
 
-def old_outputs(models: Models, batch: PPOBatch, cfg: Config) -> float:
+def old_outputs(models: Models, batch: PPOBatch, cfg: Config, rt) -> float:
     """Fill old_logprobs, old_values (and ref_logprobs); return the mean |training - sampler|
     log-prob gap on the covered tokens."""
-    logprobs, values = forward_no_grad(models.actor, models.critic, batch, models.bf16, cfg.micro_batch,
+    logprobs, values = forward_no_grad(models.actor, models.critic, batch, rt, cfg.micro_batch,
                                        scoring_temperature(cfg))
     mask = batch.mask
     gap = ((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
     batch.old_logprobs = logprobs if cfg.old_logprobs == "recompute" else batch.rollout_logprobs * mask
     batch.old_values = values
     if models.ref is not None:
-        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, models.bf16, cfg.micro_batch,
+        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, rt, cfg.micro_batch,
                                              scoring_temperature(cfg))[0]
     return gap.item()
 
@@ -303,12 +348,15 @@ def add_advantages(batch: PPOBatch, cfg: Config) -> None:
 
 
 # ---- 6. update -------------------------------------------------------------------------------
-def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config, generator) -> dict:
+def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config, generator,
+               rt) -> dict:
     """Mini-batch updates over the kept episodes, `ppo_epochs` times; returns mean stats.
 
     Every loss term of a micro-batch is divided by its mini-batch's denominator (`loss_agg`:
     the mini-batch's trained tokens, or its sequences), so accumulating micro-batches gives the
-    gradient of the whole mini-batch, however it is split (tests/algorithms/test_losses.py)."""
+    gradient of the whole mini-batch, however it is split (tests/algorithms/test_losses.py).
+    Over ranks: every rank holds the whole batch and draws the same order; each takes its share
+    of a mini-batch's micro-batches, and the gradients are summed over ranks before clipping."""
     from spa_rl.algorithms import actor_loss, loss_denominator, value_loss
     from spa_rl.training import token_logprobs
 
@@ -316,7 +364,7 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
     B = len(batch)
     mb = cfg.mini_batch or B
     temperature = scoring_temperature(cfg)
-    stats: dict[str, list[float]] = {}
+    stats: dict[str, list[float]] = {}  # this rank's, gathered at the end
 
     def record(prefix, values):
         for k, v in values.items():
@@ -329,9 +377,9 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
             denominator = loss_denominator(batch.mask[mb_idx], cfg.loss_agg)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            for u in range(0, len(mb_idx), cfg.micro_batch):
+            for u in rt.shard(range(0, len(mb_idx), cfg.micro_batch)):
                 part = batch.select(mb_idx[u:u + cfg.micro_batch])
-                with autocast(models.bf16):
+                with rt.autocast():
                     logprobs, entropy = token_logprobs(actor, part.input_ids, part.attention_mask, part.mask,
                                                        temperature=temperature, return_entropy=True)
                 loss, pg_stats = actor_loss(logprobs, part.old_logprobs, part.advantages, part.mask, entropy,
@@ -341,7 +389,7 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
                 loss.backward()
                 record("actor", pg_stats)
                 if critic is not None:
-                    with autocast(models.bf16):
+                    with rt.autocast():
                         values = critic(part.input_ids, part.attention_mask)
                     vf_loss, vf_stats = value_loss(values, part.old_values, part.returns, part.mask,
                                                    cfg.value_clip, cfg.loss_agg, denominator)
@@ -351,23 +399,56 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
             for name, module, section in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
                 if module is None:
                     continue
+                rt.sync_gradients(module, op="sum")  # each rank's share of the mini-batch's loss: their sum
                 clip = section.grad_clip if section.grad_clip > 0 else float("inf")
-                record(name, {"grad_norm": torch.nn.utils.clip_grad_norm_(module.parameters(), clip)})
+                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+                if rt.is_main:  # the same on every rank after the sum: counted once
+                    record(name, {"grad_norm": grad_norm})
                 optimizers[name].step()
                 schedulers[name].step()
+    # the means over every micro-batch of every rank, as one process would take them
+    for part in rt.all_gather_object(stats)[1:]:
+        for k, v in part.items():
+            stats.setdefault(k, []).extend(v)
     return {k: sum(v) / len(v) for k, v in stats.items() if v and not all(math.isnan(x) for x in v)}
 
 
 # ---- 7. validate, 8. save --------------------------------------------------------------------
-def validate(models: Models, cfg: Config, step: int, log) -> dict:
-    from spa_rl.rollout.evaluation import evaluate
+def validate(models: Models, cfg: Config, step: int, log, rt) -> dict:
+    """`spa eval`'s loop on the validation levels: each rank plays its share of the levels, and
+    the episodes of all ranks are summarised once, into the metrics one process reports."""
+    from dataclasses import replace
 
-    metrics, _ = evaluate(models.rollout_model, models.tokenizer, eval_config(cfg), split="val", show_progress=False)
+    from spa_rl.rollout.evaluation import evaluate, summarize
+
+    ec = eval_config(cfg)
+    rollouts, seconds = [], 0.0
+    for i, n, seed in sampler_blocks(rt.shard_range(ec.eval.levels), ec.eval.first_level, ec.seed, cfg, rt, 1):
+        part = replace(ec, seed=seed, eval=replace(ec.eval, first_level=ec.eval.first_level + i, levels=n))
+        metrics, block = evaluate(models.rollout_model, models.tokenizer, part, split="val", show_progress=False)
+        for r in block:
+            r.group += i  # numbered by level over all ranks: Pass@k counts per level
+        rollouts += block
+        seconds += metrics["seconds"]
+    rollouts = rt.gather_shards(rollouts)
+    metrics = summarize(rollouts)
+    metrics["seconds"] = rt.all_reduce_float(seconds, "max")  # the slowest rank's
+    generated = sum(r.response_tokens for r in rollouts)
+    metrics["generated_tokens_per_second"] = generated / metrics["seconds"] if metrics["seconds"] > 0 else 0.0
     metrics = {f"val/{k}": v for k, v in metrics.items()}
     log.log(step, metrics)
-    print(f"step {step}: val pass@1 {metrics['val/pass@1']:.3f}  " +
-          "  ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/pass@") and k != "val/pass@1"))
+    rt.print(f"step {step}: val pass@1 {metrics['val/pass@1']:.3f}  " +
+             "  ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/pass@") and k != "val/pass@1"))
     return metrics
+
+
+def write_config(cfg: Config, out: Path, rt) -> None:
+    """config.yaml, with how the run ran (rank 0's device type stands for every rank's)."""
+    from spa_rl.runtime import dtype_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, runtime={"world_size": rt.world_size, "backend": rt.backend, "device": rt.device.type,
+                                   "dtype": dtype_name(rt.dtype)})
 
 
 def save(out: Path, step: int, models: Models, optimizers: dict, schedulers: dict, cfg: Config) -> None:
@@ -384,29 +465,36 @@ def save(out: Path, step: int, models: Models, optimizers: dict, schedulers: dic
 
 
 # ---- set-up ----------------------------------------------------------------------------------
-def load_models(cfg: Config, resume_from: Path | None) -> Models:
-    """The actor trains in fp32 master weights (bf16 autocast compute); rollouts use a bf16 copy
-    refreshed after every update, because casting 135M weights per decoded token under autocast
-    would cost more than the copy."""
+def load_models(cfg: Config, resume_from: Path | None, rt) -> Models:
+    """The actor trains in fp32 master weights (bf16 autocast compute where the runtime's dtype
+    is bf16); rollouts then use a bf16 copy refreshed after every update, because casting 135M
+    weights per decoded token under autocast would cost more than the copy."""
     from spa_rl.artifacts import load_extra_module
-    from spa_rl.models import load_model_and_tokenizer, resolve_dtype
+    from spa_rl.models import load_model_and_tokenizer
     from spa_rl.tokens import ChatTokenizer
     from spa_rl.training import enable_activation_checkpointing
 
-    actor, tokenizer = load_model_and_tokenizer(str(resume_from) if resume_from else cfg.model.name, dtype="fp32")
+    with rt.main_first():  # rank 0 builds a model cache (tiny, default) once; the others load it
+        actor, tokenizer = load_model_and_tokenizer(str(resume_from) if resume_from else cfg.model.name,
+                                                    dtype="fp32", device=rt.device)
+        ref = (load_model_and_tokenizer(cfg.model.name, dtype="fp32", device=rt.device)[0].eval()
+               if cfg.kl_coef else None)
     critic = Critic(copy.deepcopy(actor.get_decoder()), actor.config.hidden_size) if cfg.algo == "ppo" else None
-    if critic is not None and resume_from is not None:
-        load_extra_module(resume_from, "critic", critic)
-    ref = load_model_and_tokenizer(cfg.model.name, dtype="fp32")[0].eval() if cfg.kl_coef else None
+    if critic is not None:
+        if resume_from is not None:
+            load_extra_module(resume_from, "critic", critic)
+        critic.to(rt.device)  # the value head is created on the CPU
+    for module in (actor, critic):
+        if module is not None:
+            rt.broadcast_parameters(module)  # every rank starts from rank 0's weights, whatever happened at load
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(actor)
         if critic is not None:
             enable_activation_checkpointing(critic.backbone)
     actor.config.use_cache = False
-    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if bf16 else actor
+    rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if rt.dtype == torch.bfloat16 else actor
     return Models(actor=actor, rollout_model=rollout_model, critic=critic, ref=ref, tokenizer=tokenizer,
-                  chat=ChatTokenizer(tokenizer), bf16=bf16)
+                  chat=ChatTokenizer(tokenizer))
 
 
 def make_optimizers(models: Models, cfg: Config) -> tuple[dict, dict]:
@@ -452,45 +540,48 @@ def step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing) -> d
 
 # ---- the algorithm ---------------------------------------------------------------------------
 def main(cfg: Config) -> int:
+    from spa_rl import runtime
     from spa_rl.artifacts import MetricsLog, check_new_or_resume
 
+    rt = runtime.setup(device=cfg.model.device, dtype=cfg.model.dtype)
     out = Path(cfg.out)
     eval_config(cfg)  # the validation's config is valid before any work
     resume_from = check_new_or_resume(out, cfg.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    rt.barrier()  # every rank has looked at --out before rank 0 writes into it
+    rt.main_only(write_config, cfg, out, rt)
     torch.manual_seed(cfg.seed)
-    models = load_models(cfg, resume_from)
+    models = load_models(cfg, resume_from, rt)
     optimizers, schedulers = make_optimizers(models, cfg)
     start = restore(resume_from, optimizers, schedulers) if resume_from else 0
     if resume_from:
-        print(f"resuming {out} from step {start} ({resume_from.name})")
-    log = MetricsLog(out, resume_step=start if resume_from else None)
-    print(f"{cfg.algo} on {cfg.env.name}: {cfg.groups}x{cfg.group_size} episodes per step, {cfg.kept_episodes} "
-          f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; "
-          f"compute {'bf16' if models.bf16 else 'fp32'}")
+        rt.print(f"resuming {out} from step {start} ({resume_from.name})")
+    log = MetricsLog(out, resume_step=start if resume_from else None, enabled=rt.is_main)
+    rt.print(f"{cfg.algo} on {cfg.env.name}: {cfg.groups}x{cfg.group_size} episodes per step, {cfg.kept_episodes} "
+             f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; "
+             f"compute {runtime.dtype_name(rt.dtype)} on {rt.device}"
+             + (f" x {rt.world_size} ranks ({rt.backend})" if rt.distributed else ""))
     models.actor.eval()
     if start == 0:
-        validate(models, cfg, 0, log)
+        validate(models, cfg, 0, log, rt)
 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        rollouts = collect(models, cfg, step)                                        # 1
+        rollouts = rt.gather_shards(collect(models, cfg, step, rt))                  # 1 (every rank: all episodes)
         timing = {"time/rollout_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
         scores = score(rollouts, cfg.world_model_reward)                             # 2
         kept, filter_stats = keep_groups(scores, cfg)                                # 3
         batch = build_batch([rollouts[i] for i in kept], scores[kept], models.chat, cfg,
-                            models.tokenizer.pad_token_id)
+                            models.tokenizer.pad_token_id).to(rt.device)
         timing["time/scoring_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        gap = old_outputs(models, batch, cfg)                                        # 4
+        gap = old_outputs(models, batch, cfg, rt)                                    # 4
         add_advantages(batch, cfg)                                                   # 5
         # 6. In train mode only for the update: with activation checkpointing, transformers
         # turns the KV cache off in train mode, and sampling would decode without its context.
         models.actor.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator)
+        update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator, rt)
         models.actor.eval()
         if models.rollout_model is not models.actor:
             models.rollout_model.load_state_dict(models.actor.state_dict())
@@ -498,16 +589,17 @@ def main(cfg: Config) -> int:
         timing["time/step_s"] = time.perf_counter() - t0
 
         metrics = step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing)
-        log.log(step + 1, metrics)
-        print(f"step {step + 1}/{cfg.steps}: score {metrics['rollout/score_mean']:.3f} success "
-              f"{metrics['rollout/success']:.3f} pg_loss {update_stats.get('actor/pg_loss', float('nan')):.4f} "
-              f"{timing['time/step_s']:.1f}s")
+        log.log(step + 1, {**metrics, "runtime/world_size": rt.world_size})
+        rt.print(f"step {step + 1}/{cfg.steps}: score {metrics['rollout/score_mean']:.3f} success "
+                 f"{metrics['rollout/success']:.3f} pg_loss {update_stats.get('actor/pg_loss', float('nan')):.4f} "
+                 f"{timing['time/step_s']:.1f}s")
         # Validate before saving: a run killed in between redoes both from the previous checkpoint.
         last = step + 1 == cfg.steps
         if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            validate(models, cfg, step + 1, log)                                     # 7
+            validate(models, cfg, step + 1, log, rt)                                 # 7
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save(out, step + 1, models, optimizers, schedulers, cfg)                 # 8
+            rt.main_only(save, out, step + 1, models, optimizers, schedulers, cfg)  # 8
     log.close()
-    print(f"done: {out / 'final'} ; metrics in {out / 'metrics.jsonl'}")
+    rt.print(f"done: {out / 'final'} ; metrics in {out / 'metrics.jsonl'}")
+    rt.close()
     return 0
