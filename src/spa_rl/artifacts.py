@@ -17,7 +17,9 @@ Run folder (`spa sft`, `spa train`; the pipeline nests one per stage):
     final -> checkpoint-...  the newest checkpoint; what the next stage loads (`final_model`)
 
 Writes go to a temporary name beside the target and are renamed into place, after an fsync,
-so that a reader or a killed run sees the old or the new version, never half of one.
+so that a reader or a killed run sees the old or the new version, never half of one
+(`atomic_write_text`, `atomic_dir`; `build_shared_dir` for a folder several processes may build
+at once, such as the converted model cache).
 `trainer_state.pt` holds only tensors and plain Python values and loads with
 `torch.load(weights_only=True)`.
 """
@@ -31,8 +33,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from spa_rl.errors import CheckpointError, DataError
 
@@ -114,6 +117,41 @@ def atomic_dir(target: str | os.PathLike, marker: str = COMPLETE, marker_text: s
     os.replace(tmp, target)
     _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def build_shared_dir(target: Path, build: Callable[[Path], None], is_complete_dir: Callable[[Path], bool],
+                     stale_seconds: float = 3600) -> Path:
+    """`atomic_dir` for a folder that several processes may build at once (a model cache that
+    torchrun ranks or parallel test workers all need): each builds in its own temp folder
+    (`.NAME.partial-XXXX`), and the first to finish renames it into place; a later finisher
+    finds `target` complete and discards its copy. A complete `target` is returned untouched,
+    an incomplete one is replaced; temp folders older than `stale_seconds` are from dead
+    processes and are removed."""
+    target = Path(target)
+    if is_complete_dir(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    now = time.time()
+    for p in target.parent.glob(prefix + "*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > stale_seconds:
+                shutil.rmtree(p, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        if target.exists() and not is_complete_dir(target):
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its complete copy first
+            if not is_complete_dir(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def is_complete(path: str | os.PathLike, marker: str = COMPLETE) -> bool:

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from spa_rl.errors import CheckpointError, ConfigError
@@ -65,6 +65,8 @@ def test_byte_tokenizer_ids_and_specials():
 @given(st.text(max_size=40))
 def test_byte_tokenizer_round_trips_any_text(text):
     tok = build_byte_tokenizer()
+    # a special token's text is one id by design (test above): byte-exactness is for other text
+    assume(not any(s in text for s in tok.all_special_tokens))
     ids = tok(text)["input_ids"]
     assert len(ids) == len(text.encode("utf-8"))
     assert tok.decode(ids) == text

@@ -21,10 +21,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -80,56 +77,22 @@ def is_complete_cache(folder: str | os.PathLike) -> bool:
         return False
 
 
-def _partial_prefix(target: Path) -> str:
-    return f".{target.name}.partial-"
-
-
-def _remove_stale_partials(target: Path) -> None:
-    now = time.time()
-    for p in target.parent.glob(_partial_prefix(target) + "*"):
-        try:
-            if now - p.stat().st_mtime > STALE_PARTIAL_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def build_cache_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
-    """Run build(tmp) in a temp folder beside `target`, then rename it into place.
+    """Run build(tmp) in a private temp folder beside `target`, then rename it into place
+    (`artifacts.build_shared_dir`: safe when several processes convert the same model at once).
 
     build writes the model files into tmp and returns metadata for the marker. A complete target
     is returned untouched; an incomplete one (older format, hand-made, pre-atomic) is replaced.
     If another process finishes the same target first, its folder wins and ours is discarded.
     """
-    target = Path(target)
-    if is_complete_cache(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
-    try:
+    from spa_rl.artifacts import build_shared_dir
+
+    def build_with_marker(tmp: Path) -> None:
         meta = dict(build(tmp) or {})
         meta["format"] = CACHE_FORMAT
         (tmp / CACHE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if target.exists() and not is_complete_cache(target):
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_complete_cache(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_shared_dir(Path(target), build_with_marker, is_complete_cache, STALE_PARTIAL_SECONDS)
 
 
 # ---- the default model -----------------------------------------------------------------------
