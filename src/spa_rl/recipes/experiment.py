@@ -205,7 +205,6 @@ def write_results(study: Study, command: str) -> Path:
     from spa_rl.artifacts import atomic_write_text
 
     results = load_results(study)
-    k = None
     lines = [f"# {study.name}", "", f"Regenerate: `{command}` (runs the missing cells, then rewrites this file).",
              f"Environment {study.env}" + (f", options `{study.env_options}`" if study.env_options else "") + ".",
              "", "Means over seeds with 95% t-intervals (± half-width). Pass@1: mean success over every validation "
@@ -221,7 +220,6 @@ def write_results(study: Study, command: str) -> Path:
             continue
         final = [r["final"] for r in recs]
         samples = max(int(key.split("@")[1]) for key in final[0] if key.startswith("pass@"))
-        k = samples
         p1 = [f["pass@1"] for f in final]
         pk = [f[f"pass@{samples}"] for f in final]
         wm = [r["final"].get("prediction_exact", r.get("sft_world_model", {}).get("prediction_exact")) for r in recs]

@@ -396,11 +396,11 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
                     vf_loss.backward()
                     vf_stats["vf_loss"] = vf_loss.detach()
                     record("critic", vf_stats)
-            for name, module, section in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
+            for name, module, optim in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
                 if module is None:
                     continue
                 rt.sync_gradients(module, op="sum")  # each rank's share of the mini-batch's loss: their sum
-                clip = section.grad_clip if section.grad_clip > 0 else float("inf")
+                clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
                 if rt.is_main:  # the same on every rank after the sum: counted once
                     record(name, {"grad_norm": grad_norm})
