@@ -286,6 +286,8 @@ def two_ranks(tmp_path_factory):
     seconds = time.perf_counter() - t0
     assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        records[r]["_closed"] = json.loads((out / f"rank{r}-closed.json").read_text())
     records[0]["_stdout"] = res.stdout
     records[0]["_seconds"] = seconds
     return records
@@ -296,6 +298,14 @@ def test_two_ranks_see_their_place(two_ranks):
         assert rec["describe"] == {"device": "cpu", "dtype": "fp32", "rank": r, "world_size": 2, "local_rank": r,
                                    "backend": "gloo"}
         assert rec["distributed"] is True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_close_frees_the_process_group(two_ranks):
+    # the models' imports (transformers -> torch._dynamo) ran after setup in the worker
+    for rec in two_ranks:
+        assert rec["_closed"]["initialized"] is False
+        assert not [t for t in rec["_closed"]["threads"] if "gloo" in t], rec["_closed"]["threads"]
 
 
 def test_all_reduce(two_ranks):
@@ -473,6 +483,16 @@ def _worker() -> None:
 
     (out / f"rank{r}.json").write_text(json.dumps(rec))
     rt.close()
+    # close must free gloo's worker threads: threads that outlive it abort the interpreter at
+    # exit now and then (the process-group reference torch._dynamo takes; see runtime.setup)
+    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    (out / f"rank{r}-closed.json").write_text(json.dumps({"threads": threads, "initialized": dist_initialized()}))
+
+
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
 
 
 def _gradient_checks(rt, rec) -> None:
@@ -532,8 +552,8 @@ def _gradient_checks(rt, rec) -> None:
     rt.assert_in_sync(model)
     rec["in_sync_after_step"] = True
     rec["checksum"] = rt.parameters_checksum(model)
-    rec["weight_max_abs_diff_vs_one_process"] = max(float((p - s).abs().max()) for p, s in zip(params, single))
-    rec["weights_moved"] = max(float((p - s0).abs().max()) for p, s0 in zip(params, start))
+    rec["weight_max_abs_diff_vs_one_process"] = max(float((p.detach() - s.detach()).abs().max()) for p, s in zip(params, single))
+    rec["weights_moved"] = max(float((p.detach() - s0).abs().max()) for p, s0 in zip(params, start))
     with torch.no_grad():
         if rt.rank == 1:
             params[0][0, 0] += 1e-3

@@ -557,6 +557,8 @@ class Runtime:
         import torch.distributed as dist
 
         if self.owns_process_group and dist.is_available() and dist.is_initialized():
+            # every rank is done with its last collective before any rank closes its connections
+            self.barrier()
             dist.destroy_process_group()
 
     def __enter__(self) -> "Runtime":
@@ -605,6 +607,13 @@ def setup(device: "str | torch.device" = "auto", dtype: "str | torch.dtype" = "a
         if not os.environ.get(var):
             raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; launch the processes with torchrun")
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    # torch._dynamo (imported by transformers' model code and by torch.compile) keeps a
+    # reference to a default process group that exists when it is first imported; then
+    # destroy_process_group cannot free it, gloo's worker threads outlive `close`, and the
+    # interpreter aborts at exit now and then ("terminate called without an active exception").
+    # Importing it first keeps it from ever seeing the group.
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=dev if dev.type == "cuda" else None)
