@@ -25,6 +25,7 @@ from spa_rl.envs import ENV_NAMES, RENDER_MODES
 from spa_rl.errors import ConfigError
 
 DTYPES = ("auto", "bf16", "fp32")
+BACKENDS = ("auto", "hf", "vllm")
 
 
 def _at_least(obj, minimum: int, *names: str) -> list[str]:
@@ -121,9 +122,17 @@ class SamplingSection:
     top_k: int = option(0, "top-k sampling (0 = off)")
     stop_strings: tuple[str, ...] = option(("</answer>",), "a response ends after any of these texts (YAML list)")
     decode_batch: int = option(64, "episodes decoded together")
+    backend: str = option("auto", "what generates: auto (the rollout engine where the model's architecture allows, "
+                                  "else the HF forward), hf (the HF forward, one call per turn: the reference), "
+                                  "vllm (a CUDA GPU with `pip install 'spa-rl[vllm]'`; docs/scaling.md)",
+                          choices=BACKENDS)
+    vllm_gpu_memory: float = option(0.4, "vllm: share of the GPU vLLM takes for weights and KV cache (the rest is "
+                                         "the trainer's)")
 
     def check(self) -> list[str]:
         errors = _at_least(self, 1, "max_new_tokens", "decode_batch") + _at_least(self, 0, "top_k")
+        if not 0 < self.vllm_gpu_memory <= 1:
+            errors.append(f"vllm_gpu_memory must be in (0, 1], got {self.vllm_gpu_memory}")
         if self.temperature < 0:
             errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -161,7 +161,7 @@ def play(cfg: Config, episodes: list) -> None:
     rt = runtime.setup(device=cfg.model.device, dtype=cfg.model.dtype, distributed=False)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=rt.dtype, device=rt.device)
     chat = ChatTokenizer(tokenizer)
-    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed)
+    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed, model_name=cfg.model.name, dtype=cfg.model.dtype)
     # Chunks of `decode_batch` episodes: bounded memory, steady progress; same result per chunk.
     step = cfg.sampling.decode_batch
     for start in range(0, len(episodes), step):

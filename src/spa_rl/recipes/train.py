@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -199,6 +199,7 @@ class Models:
     ref: torch.nn.Module | None
     tokenizer: object
     chat: object
+    backends: dict = field(default_factory=dict)  # generation engines kept across steps (vLLM's)
 
 
 def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) -> PPOBatch:
@@ -245,12 +246,12 @@ def collect(models: Models, cfg: Config, step: int, rt) -> list:
     seeded by the step, so a resumed run draws the episodes an uninterrupted one would. Returns
     this rank's rollouts, numbered by their group in the whole step."""
     from spa_rl.rollout.engine import run_rollouts
-    from spa_rl.rollout.setup import make_backend, make_level_episodes, sampling_params
+    from spa_rl.rollout.setup import make_level_episodes, sampling_params
 
     first = step * cfg.groups
     rollouts = []
     for g, n, seed in sampler_blocks(rt.shard_range(cfg.groups), first, cfg.seed * 1_000_003 + step, cfg, rt, 0):
-        backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed=seed)
+        backend = rollout_backend(models, cfg, seed)
         episodes = make_level_episodes(cfg.env, cfg.episode, "train", first + g, n, cfg.group_size)
         block = run_rollouts(episodes, backend, models.chat, sampling_params(cfg.sampling),
                              cfg.episode.max_context_tokens)
@@ -258,6 +259,35 @@ def collect(models: Models, cfg: Config, step: int, rt) -> list:
             r.group += g
         rollouts += block
     return rollouts
+
+
+def rollout_backend(models: Models, cfg: Config, seed: int):
+    """The backend that samples for `collect` and `validate`. A vLLM engine is built once, given
+    the actor's current weights at once (the run may resume from a checkpoint), and kept in
+    `models.backends`; `sync_rollout_weights` refreshes it after every update."""
+    from spa_rl.rollout.setup import make_backend
+
+    fresh = "vllm" not in models.backends
+    backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed, model_name=cfg.model.name,
+                           dtype=cfg.model.dtype, cache=models.backends)
+    if fresh and "vllm" in models.backends:
+        backend.update_weights(models.actor.state_dict())
+    return backend
+
+
+def release_rollout_memory(models: Models) -> None:
+    """Before the update: a colocated vLLM engine hands the GPU to the trainer (sleep mode)."""
+    if "vllm" in models.backends:
+        models.backends["vllm"].sleep()
+
+
+def sync_rollout_weights(models: Models) -> None:
+    """After the update: what samples next holds the updated weights (the bf16 rollout copy,
+    and the vLLM engine when there is one)."""
+    if models.rollout_model is not models.actor:
+        models.rollout_model.load_state_dict(models.actor.state_dict())
+    if "vllm" in models.backends:
+        models.backends["vllm"].update_weights(models.actor.state_dict())
 
 
 # ---- 2. score, 3. filter ---------------------------------------------------------------------
@@ -425,7 +455,10 @@ def validate(models: Models, cfg: Config, step: int, log, rt) -> dict:
     rollouts, seconds = [], 0.0
     for i, n, seed in sampler_blocks(rt.shard_range(ec.eval.levels), ec.eval.first_level, ec.seed, cfg, rt, 1):
         part = replace(ec, seed=seed, eval=replace(ec.eval, first_level=ec.eval.first_level + i, levels=n))
-        metrics, block = evaluate(models.rollout_model, models.tokenizer, part, split="val", show_progress=False)
+        if cfg.sampling.backend == "vllm":
+            rollout_backend(models, cfg, seed)  # built and given the actor's weights once
+        metrics, block = evaluate(models.rollout_model, models.tokenizer, part, split="val", show_progress=False,
+                                  backend_cache=models.backends)
         for r in block:
             r.group += i  # numbered by level over all ranks: Pass@k counts per level
         rollouts += block
@@ -492,7 +525,9 @@ def load_models(cfg: Config, resume_from: Path | None, rt) -> Models:
         if critic is not None:
             enable_activation_checkpointing(critic.backbone)
     actor.config.use_cache = False
-    rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if rt.dtype == torch.bfloat16 else actor
+    # (vLLM keeps its own copy of the weights: no rollout copy then)
+    bf16_copy = rt.dtype == torch.bfloat16 and cfg.sampling.backend != "vllm"
+    rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if bf16_copy else actor
     return Models(actor=actor, rollout_model=rollout_model, critic=critic, ref=ref, tokenizer=tokenizer,
                   chat=ChatTokenizer(tokenizer))
 
@@ -575,6 +610,7 @@ def main(cfg: Config) -> int:
                             models.tokenizer.pad_token_id).to(rt.device)
         timing["time/scoring_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
+        release_rollout_memory(models)
         gap = old_outputs(models, batch, cfg, rt)                                    # 4
         add_advantages(batch, cfg)                                                   # 5
         # 6. In train mode only for the update: with activation checkpointing, transformers
@@ -583,8 +619,7 @@ def main(cfg: Config) -> int:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator, rt)
         models.actor.eval()
-        if models.rollout_model is not models.actor:
-            models.rollout_model.load_state_dict(models.actor.state_dict())
+        sync_rollout_weights(models)
         timing["time/update_s"] = time.perf_counter() - t2
         timing["time/step_s"] = time.perf_counter() - t0
 

@@ -56,8 +56,10 @@ def summarize(rollouts) -> dict:
     return metrics
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, split: str = "val", show_progress: bool = True):
-    """Roll out `cfg.eval.levels x cfg.eval.samples` episodes; return (metrics, rollouts)."""
+def evaluate(model, tokenizer, cfg: EvalConfig, split: str = "val", show_progress: bool = True,
+             backend_cache: dict | None = None):
+    """Roll out `cfg.eval.levels x cfg.eval.samples` episodes; return (metrics, rollouts).
+    `backend_cache`: see `rollout.setup.make_backend` (spa train keeps its vLLM engine there)."""
     from tqdm.auto import tqdm
 
     from spa_rl.rollout.engine import run_rollouts
@@ -65,7 +67,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, split: str = "val", show_progres
     from spa_rl.tokens import ChatTokenizer
 
     chat = ChatTokenizer(tokenizer)
-    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed)
+    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed, model_name=cfg.model.name, dtype=cfg.model.dtype,
+                           cache=backend_cache)
     episodes = make_level_episodes(cfg.env, cfg.episode, split, cfg.eval.first_level, cfg.eval.levels,
                                    cfg.eval.samples)
     bar = tqdm(total=len(episodes), desc=f"eval {cfg.env.name}", unit="ep", disable=not show_progress)

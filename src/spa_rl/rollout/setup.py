@@ -19,11 +19,31 @@ def sampling_params(sampling: SamplingSection):
                              if f.name in names})
 
 
-def make_backend(model, tokenizer, sampling: SamplingSection, seed: int):
-    """The generation backend for `model` (token ids in; token ids and log-probs out)."""
+def make_backend(model, tokenizer, sampling: SamplingSection, seed: int, *, model_name: str | None = None,
+                 dtype: str = "auto", cache: dict | None = None):
+    """The generation backend `sampling.backend` names (token ids in; token ids and log-probs out).
+
+    auto/hf: an `HFBackend` over `model` (cheap to build; one per call). vllm: a `VLLMBackend`
+    that loads `model_name` itself; building one costs seconds to minutes, so a caller that
+    samples many times (spa train) passes a `cache` dict, and later calls reuse its engine,
+    reseeded with `seed` (the caller pushes new weights with `update_weights`)."""
+    if sampling.backend == "vllm":
+        backend = cache.get("vllm") if cache is not None else None
+        if backend is None:
+            from spa_rl.rollout.vllm_backend import VLLMBackend
+
+            if model_name is None:
+                raise ValueError("the vLLM backend needs the model's name or folder")
+            backend = VLLMBackend(model_name, tokenizer, dtype=dtype, seed=seed,
+                                  gpu_memory_utilization=sampling.vllm_gpu_memory)
+            if cache is not None:
+                cache["vllm"] = backend
+        backend.reseed(seed)
+        return backend
     from spa_rl.rollout.backend import HFBackend
 
-    return HFBackend(model, tokenizer, max_batch_size=sampling.decode_batch, seed=seed)
+    return HFBackend(model, tokenizer, max_batch_size=sampling.decode_batch, seed=seed,
+                     engine="auto" if sampling.backend == "auto" else "hf")
 
 
 def make_level_episodes(env: EnvSection, episode: EpisodeSection, split: str, first_level: int, levels: int,

@@ -145,6 +145,12 @@ class VLLMBackend:
 
     # -- generation --
 
+    def reseed(self, seed: int) -> None:
+        """Sample from here on as a backend built with `seed` would (the request seeds derive
+        from the seed and the number of calls since)."""
+        self.seed = int(seed)
+        self._calls = 0
+
     def check_params(self, params: SamplingParams) -> None:
         """Refuse sampling settings whose vLLM log-probs are not the trainer's distribution."""
         if not self.strict_logprobs or params.temperature <= 0:
