@@ -116,6 +116,7 @@ class GenerateBaseline:
 
 def single_turn(args, model32, model_fast, tok, chat, bandwidth):
     from spa_rl.agent import EpisodeConfig
+    from spa_rl.models import resolve_dtype
     from spa_rl.rollout.backend import HFBackend, SamplingParams
     from spa_rl.rollout.engine import make_episodes
 
@@ -132,7 +133,7 @@ def single_turn(args, model32, model_fast, tok, chat, bandwidth):
     base_s = time.perf_counter() - t0
     base_tokens = sum(len(g.token_ids) for g in base)
 
-    backend = HFBackend(model_fast, tok, max_batch_size=args.batch, seed=0, dtype=args.dtype)
+    backend = HFBackend(model_fast, tok, max_batch_size=args.batch, seed=0, dtype=resolve_dtype(args.dtype))
     backend.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up (first-call allocations)
     t0 = time.perf_counter()
     gens = backend.generate(prompts, params)
@@ -149,6 +150,7 @@ def single_turn(args, model32, model_fast, tok, chat, bandwidth):
 
 def multi_turn(args, model32, model_fast, tok, chat, bandwidth):
     from spa_rl.agent import EpisodeConfig
+    from spa_rl.models import resolve_dtype
     from spa_rl.rollout.backend import HFBackend, SamplingParams
     from spa_rl.rollout.engine import make_episodes, run_rollouts
 
@@ -171,7 +173,7 @@ def multi_turn(args, model32, model_fast, tok, chat, bandwidth):
 
     torch.manual_seed(0)
     b_tokens, b_s, b_turns, b_ctx = play(GenerateBaseline(model32, tok, batch))
-    backend = HFBackend(model_fast, tok, max_batch_size=batch, seed=0, dtype=args.dtype)
+    backend = HFBackend(model_fast, tok, max_batch_size=batch, seed=0, dtype=resolve_dtype(args.dtype))
     backend.generate([chat.prompt_ids(make_episodes("sokoban", "val", 0, 1, 1, cfg)[0][1].messages)],
                      SamplingParams(max_new_tokens=4))  # warm-up
     e_tokens, e_s, e_turns, e_ctx = play(backend)
@@ -206,8 +208,9 @@ def main() -> None:
 
     print(load_average())
     model32, tok = load_model_and_tokenizer(args.model, dtype="fp32")
-    # the engine copies the weights into its compute dtype itself; give it the same fp32 model
-    # a recipe would pass
+    # the engine copies the weights into its compute dtype itself (HFBackend's dtype, resolved
+    # here: bf16 where the processor computes it natively, the recipes' rollout dtype); give it
+    # the same fp32 model
     model_fast = model32
     chat = ChatTokenizer(tok)
     bandwidth = memory_bandwidth_gbs()
