@@ -67,6 +67,16 @@ def test_experiment_matrix_runs_skips_and_reports(tmp_path):
     assert res.returncode == 0 and "4 done already, 0 to run" in res.stdout
 
 
+def test_collect_cell_times_every_stage_that_ran(tmp_path):
+    from spa_rl.recipes.experiment import collect_cell
+
+    for stage, seconds in (("warmup-generate", 1.5), ("warmup-sft", 60.0), ("generate", 2.0)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "STAGE_DONE").write_text(f"{seconds} seconds\n")
+    (tmp_path / "sft").mkdir()  # an interrupted stage: no STAGE_DONE, no time
+    assert collect_cell(tmp_path)["stages"] == {"warmup-generate": 1.5, "warmup-sft": 60.0, "generate": 2.0}
+
+
 def test_mean_ci_is_a_t_interval():
     from spa_rl.recipes.experiment import mean_ci
 

@@ -81,10 +81,11 @@ def test_every_shipped_preset_resolves(tmp_path, preset):
 
 @pytest.mark.parametrize("preset", ["cpu-small", "paper"])
 def test_full_presets_link_their_stages(tmp_path, preset):
-    from spa_rl.recipes.pipeline import STAGES, load_preset, stage_configs
+    from spa_rl.recipes.pipeline import DEFAULT_STAGES, load_preset, stage_configs
 
     configs = stage_configs(load_preset(preset), "sokoban", "default", tmp_path, [])
-    assert set(configs) == set(STAGES)
+    assert tuple(configs) == DEFAULT_STAGES  # no warm-up unless a preset lists it
+    assert configs["sft"].model.name == "default"
     assert configs["train"].model.name == str(tmp_path / "sft" / "final")
     assert configs["eval"].model.name == str(tmp_path / "train" / "final")
     assert configs["eval-sft-wm"].episode.mode == "world-model"
@@ -92,11 +93,42 @@ def test_full_presets_link_their_stages(tmp_path, preset):
     assert configs["eval"].episode == configs["train"].episode
 
 
+def test_warmup_stages_feed_self_play(tmp_path):
+    """cpu-small-self-play: the warm-up SFT trains the base model on the warm-up data, and
+    self-play and SFT start from its final model; the shared sections reach the warm-up too."""
+    from spa_rl.recipes.pipeline import STAGES, load_preset, stage_configs
+
+    configs = stage_configs(load_preset("cpu-small-self-play"), "sokoban", "base", tmp_path,
+                            ["warmup-sft.seed=3"], env_options="{}")
+    assert tuple(configs) == STAGES
+    warm_gen, warm_sft = configs["warmup-generate"], configs["warmup-sft"]
+    assert (warm_gen.policy, warm_gen.episodes, warm_gen.group_size, warm_gen.episode.max_turns) == ("random", 64, 1, 3)
+    assert warm_gen.out == str(tmp_path / "warmup-generate") and warm_gen.env.options == "{}"
+    assert warm_gen.sampling.max_new_tokens == configs["generate"].sampling.max_new_tokens == 288
+    assert warm_sft.data == warm_gen.out and warm_sft.model.name == "base" and warm_sft.seed == 3
+    assert (warm_sft.epochs, warm_sft.batch, warm_sft.micro_batch, warm_sft.optim.lr,
+            warm_sft.gradient_checkpointing) == (1, 8, 4, 1e-4, True)
+    warmed = str(tmp_path / "warmup-sft" / "final")
+    assert configs["generate"].policy == "self"
+    assert configs["generate"].model.name == configs["sft"].model.name == warmed
+    assert configs["sft"].data == str(tmp_path / "generate")
+    assert configs["train"].model.name == str(tmp_path / "sft" / "final")
+
+
+def test_warmup_sft_needs_its_data(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("stages: [warmup-sft, generate, sft]\n")
+    res = spa("pipeline", "--preset", str(preset), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "stage warmup-sft needs warmup-generate" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
 def test_shared_sections_are_set_once(tmp_path):
     from spa_rl.recipes.pipeline import stage_configs
 
     preset = {"sampling": {"max_new_tokens": 99}, "episode": {"max_turns": 2}, "train": {"episode": {"max_turns": 3}}}
     configs = stage_configs(preset, "sokoban", "tiny", tmp_path, ["eval.sampling.temperature=0.5"])
+    assert list(configs) == ["generate", "sft", "eval-sft-wm", "train", "eval"]  # no warm-up by default
     assert {s: c.sampling.max_new_tokens for s, c in configs.items() if hasattr(c, "sampling")} == \
         {"generate": 99, "eval-sft-wm": 99, "train": 99, "eval": 99}
     assert (configs["generate"].episode.max_turns, configs["train"].episode.max_turns) == (2, 3)

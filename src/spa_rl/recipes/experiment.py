@@ -125,9 +125,10 @@ def collect_cell(run: Path) -> dict:
     """The small per-run record: final evaluation, the SFT model's world-model evaluation,
     the validation curve and the stage times."""
     from spa_rl.artifacts import read_jsonl
+    from spa_rl.recipes.pipeline import STAGES
 
     record: dict = {"stages": {}}
-    for stage in ("generate", "sft", "eval-sft-wm", "train", "eval"):
+    for stage in STAGES:  # the stages the cell did not run have no STAGE_DONE
         done = run / stage / "STAGE_DONE"
         if done.is_file():
             record["stages"][stage] = float(done.read_text().split()[0])

@@ -4,8 +4,13 @@
     spa pipeline --env sokoban --preset paper --model Qwen/Qwen2.5-1.5B-Instruct --out runs/paper
 
 Stages, each in its own sub-folder of --out, in order:
-  generate/      self-play world-model data (`spa generate`)
-  sft/           world-model SFT on it (`spa sft`)
+  warmup-generate/  optional, only when a preset lists it: format warm-up data, e.g. random-policy
+                    episodes whose observation/prediction hold the simulator's true states
+  warmup-sft/       optional: SFT of the base model on it, so that a small model writes the
+                    world-model format before its own self-play (SmolLM2-135M never does zero-shot)
+  generate/      self-play world-model data (`spa generate`), from the warmed model when
+                 warmup-sft runs
+  sft/           world-model SFT on it (`spa sft`), from the same starting model
   eval-sft-wm/   the SFT model in world-model mode: how well it predicts states
   train/         PPO from the last SFT checkpoint (`spa train`, validating on the way)
   eval/          the final policy on the validation levels (`spa eval`)
@@ -17,13 +22,15 @@ again: SFT and PPO resume from their last checkpoint, generation and evaluation 
 
 Presets are YAML files (spa_rl/configs/ or your own). Top-level keys:
   base: another preset (a name or a file) whose values this one overrides, section by section;
-  model: the starting model (generate, sft, and train or eval when no earlier stage runs);
-  stages: the stages to run, in order (default: all five); e.g. [train, eval] is RL from the
-      base model, [eval] evaluates it; each stage loads the final model of the last earlier
-      stage that trains (sft, train), or `model`;
-  env / episode / sampling / ...: a shared config section, applied to every stage that has it,
-      so that a value is set once (e.g. `sampling: {max_new_tokens: 288}`);
-  generate / sft / eval-sft-wm / train / eval: one stage's values, over the shared ones.
+  model: the starting model (the warm-up, generate, sft, and train or eval when no earlier
+      stage runs);
+  stages: the stages to run, in order (default: the five from generate on, no warm-up); e.g.
+      [train, eval] is RL from the base model, [eval] evaluates it; each stage loads the final
+      model of the last earlier stage that trains (warmup-sft, sft, train), or `model`;
+  env / episode / sampling / ...: a shared config section, applied to every stage that has it
+      (the warm-up stages included), so that a value is set once (e.g. `sampling: {max_new_tokens: 288}`);
+  warmup-generate / warmup-sft / generate / sft / eval-sft-wm / train / eval: one stage's values,
+      over the shared ones (the warm-up sections are generate and sft configs).
 The final evaluation plays the episode settings of the training stage (render, prompt mode,
 turns) unless its own section says otherwise. `--set STAGE.FIELD=VALUE` overrides one field
 (`--set train.sampling.temperature=0.7`).
@@ -44,8 +51,13 @@ from spa_rl.config import load_config, save_config
 from spa_rl.envs import ENV_NAMES
 from spa_rl.errors import ConfigError
 
-STAGES = ("generate", "sft", "eval-sft-wm", "train", "eval")
-RECIPES = {"generate": "spa_rl.recipes.generate", "sft": "spa_rl.recipes.sft", "eval-sft-wm": "spa_rl.recipes.eval",
+STAGES = ("warmup-generate", "warmup-sft", "generate", "sft", "eval-sft-wm", "train", "eval")
+# The warm-up runs only where a preset lists it: a model that already writes the world-model
+# format (the paper's models) needs none, and a default warm-up would change what every other
+# preset runs.
+DEFAULT_STAGES = STAGES[2:]
+RECIPES = {"warmup-generate": "spa_rl.recipes.generate", "warmup-sft": "spa_rl.recipes.sft",
+           "generate": "spa_rl.recipes.generate", "sft": "spa_rl.recipes.sft", "eval-sft-wm": "spa_rl.recipes.eval",
            "train": "spa_rl.recipes.train", "eval": "spa_rl.recipes.eval"}
 DONE = "STAGE_DONE"
 
@@ -108,11 +120,13 @@ def _shared_sections(preset: dict, name: str) -> dict:
 
 
 def selected_stages(preset: dict, name: str = "preset") -> tuple[str, ...]:
-    stages = preset.get("stages", list(STAGES))
+    stages = preset.get("stages", list(DEFAULT_STAGES))
     if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"preset {name}: stages must be a list of {', '.join(STAGES)}, got {stages!r}")
     if "sft" in stages and "generate" not in stages:
         raise ConfigError(f"preset {name}: stage sft needs generate (its data)")
+    if "warmup-sft" in stages and "warmup-generate" not in stages:
+        raise ConfigError(f"preset {name}: stage warmup-sft needs warmup-generate (its data)")
     return tuple(s for s in STAGES if s in stages)
 
 
@@ -137,7 +151,7 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
         values.update(flatten_values(cls, dict(preset.get(stage) or {}), where))
         per_stage[stage] = values
     if env_options is not None:  # the same game for every stage that plays (SFT only reads data)
-        for stage in ("generate", "eval-sft-wm", "train", "eval"):
+        for stage in ("warmup-generate", "generate", "eval-sft-wm", "train", "eval"):
             per_stage[stage]["env.options"] = env_options
     for item in overrides:  # --set wins over everything else
         key, sep, value = item.partition("=")
@@ -147,11 +161,15 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
         if stage not in stages:
             continue  # a shared override (e.g. a seed for every stage) for a stage this preset skips
         per_stage[stage].update(flatten_values(_config_class(stage), {field: yaml.safe_load(value)}, f"--set {item}: "))
-    after_sft = str(final_model(out / "sft")) if "sft" in stages else model
+    # each stage starts from the final model of the last earlier stage that trains, or `model`
+    after_warmup = str(final_model(out / "warmup-sft")) if "warmup-sft" in stages else model
+    after_sft = str(final_model(out / "sft")) if "sft" in stages else after_warmup
     after_train = str(final_model(out / "train")) if "train" in stages else after_sft
     links = {
-        "generate": {"env.name": env, "model.name": model, "out": str(out / "generate")},
-        "sft": {"data": str(out / "generate"), "model.name": model, "out": str(out / "sft")},
+        "warmup-generate": {"env.name": env, "model.name": model, "out": str(out / "warmup-generate")},
+        "warmup-sft": {"data": str(out / "warmup-generate"), "model.name": model, "out": str(out / "warmup-sft")},
+        "generate": {"env.name": env, "model.name": after_warmup, "out": str(out / "generate")},
+        "sft": {"data": str(out / "generate"), "model.name": after_warmup, "out": str(out / "sft")},
         "eval-sft-wm": {"env.name": env, "model.name": after_sft, "episode.mode": "world-model",
                         "out": str(out / "eval-sft-wm")},
         "train": {"env.name": env, "model.name": after_sft, "out": str(out / "train")},
