@@ -93,6 +93,31 @@ def test_full_presets_link_their_stages(tmp_path, preset):
     assert configs["eval"].episode == configs["train"].episode
 
 
+def test_train_episode_overrides_reach_the_final_evaluation(tmp_path):
+    """--set train.episode.render=grid changes what the final evaluation plays too (a baseline
+    arm set this way was evaluated with coordinates before); eval's own setting still wins."""
+    from spa_rl.recipes.pipeline import load_preset, stage_configs
+
+    configs = stage_configs(load_preset("cpu-small"), "sokoban", "default", tmp_path,
+                            ["train.episode.render=grid", "train.episode.mode=base"])
+    assert configs["eval"].episode.render == "grid" and configs["eval"].episode.mode == "base"
+    configs = stage_configs(load_preset("cpu-small"), "sokoban", "default", tmp_path,
+                            ["train.episode.render=grid", "eval.episode.render=grid+coords"])
+    assert configs["train"].episode.render == "grid" and configs["eval"].episode.render == "grid+coords"
+
+
+def test_a_preset_file_bases_on_a_file_beside_it(tmp_path, monkeypatch):
+    from spa_rl.recipes.pipeline import load_preset
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "common.yaml").write_text("base: cpu-small\ntrain: {steps: 7}\n")
+    (folder / "arm.yaml").write_text("base: common.yaml\ntrain: {groups: 2}\n")
+    monkeypatch.chdir(tmp_path)  # not the presets' folder
+    data = load_preset(str(folder / "arm.yaml"))
+    assert data["train"]["steps"] == 7 and data["train"]["groups"] == 2 and data["sft"]["epochs"] == 2
+
+
 def test_warmup_stages_feed_self_play(tmp_path):
     """cpu-small-self-play: the warm-up SFT trains the base model on the warm-up data, and
     self-play and SFT start from its final model; the shared sections reach the warm-up too."""

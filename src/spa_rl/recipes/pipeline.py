@@ -90,6 +90,9 @@ def load_preset(name: str, _depth: int = 0) -> dict:
         raise ConfigError(f"preset {name}: expected a mapping of sections")
     base = data.pop("base", None)
     if base is not None:  # `base: paper`: this preset's values over another's
+        base = str(base)
+        if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() and name.endswith((".yaml", ".yml")):
+            base = str(Path(name).parent / base)  # a file beside the preset that names it
         if _depth >= 8:
             raise ConfigError(f"preset {name}: base presets nest too deep (a cycle?)")
         data = _deep_merge(load_preset(base, _depth + 1), data)
@@ -146,9 +149,10 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
         names = {f.name for f in dataclasses.fields(cls)}
         where = f"preset {preset_name}, stage {stage}: "
         values = flatten_values(cls, {k: v for k, v in shared.items() if k in names}, where)
-        if stage == "eval":  # the final evaluation plays what training played
-            values.update({k: v for k, v in per_stage["train"].items() if k.startswith("episode.")})
-        values.update(flatten_values(cls, dict(preset.get(stage) or {}), where))
+        own = flatten_values(cls, dict(preset.get(stage) or {}), where)
+        if stage == "eval":
+            eval_own_episode = {k for k in own if k.startswith("episode.")}
+        values.update(own)
         per_stage[stage] = values
     if env_options is not None:  # the same game for every stage that plays (SFT only reads data)
         for stage in ("warmup-generate", "generate", "eval-sft-wm", "train", "eval"):
@@ -160,7 +164,14 @@ def stage_configs(preset: dict, env: str, model: str, out: Path, overrides: list
             raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
         if stage not in stages:
             continue  # a shared override (e.g. a seed for every stage) for a stage this preset skips
-        per_stage[stage].update(flatten_values(_config_class(stage), {field: yaml.safe_load(value)}, f"--set {item}: "))
+        values = flatten_values(_config_class(stage), {field: yaml.safe_load(value)}, f"--set {item}: ")
+        per_stage[stage].update(values)
+        if stage == "eval":
+            eval_own_episode |= {k for k in values if k.startswith("episode.")}
+    # The final evaluation plays what training played (mode, render, turns, ...), overrides of
+    # train's episode included, unless the preset or a --set gives eval its own.
+    per_stage["eval"].update({k: v for k, v in per_stage["train"].items()
+                              if k.startswith("episode.") and k not in eval_own_episode})
     # each stage starts from the final model of the last earlier stage that trains, or `model`
     after_warmup = str(final_model(out / "warmup-sft")) if "warmup-sft" in stages else model
     after_sft = str(final_model(out / "sft")) if "sft" in stages else after_warmup
