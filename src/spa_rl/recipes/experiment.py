@@ -145,11 +145,14 @@ def collect_cell(run: Path) -> dict:
     return record
 
 
-def run_study(study: Study) -> None:
+def run_study(study: Study, after_cell=None) -> None:
+    """Run the cells without results, seed by seed (every arm gets seed 0 before any arm gets
+    seed 1, so a study stopped part-way compares the arms on the seeds it has); `after_cell()`
+    runs after each finished cell (RESULTS.md is rewritten there)."""
     from spa_rl.artifacts import atomic_write_text
     from spa_rl.recipes import pipeline
 
-    cells = [(arm, seed) for arm in study.arms for seed in study.seeds]
+    cells = [(arm, seed) for seed in study.seeds for arm in study.arms]
     todo = [(a, s) for a, s in cells if not (study.results / a.name / f"seed-{s}.json").is_file()]
     print(f"[experiment] {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds = {len(cells)} cells, "
           f"{len(cells) - len(todo)} done already, {len(todo)} to run")
@@ -167,6 +170,8 @@ def run_study(study: Study) -> None:
                   "seconds": time.perf_counter() - t0, **collect_cell(run)}
         atomic_write_text(study.results / arm.name / f"seed-{seed}.json", json.dumps(record, indent=1) + "\n")
         durations.append(record["seconds"])
+        if after_cell is not None:
+            after_cell()
 
 
 # ---- the summary -----------------------------------------------------------------------------
@@ -284,8 +289,9 @@ def run(args) -> int:
         pipeline.stage_configs(preset, study.env, study.model or preset.get("model", "default"),
                                study.runs / arm.name / "check", cell_overrides(study, arm, study.seeds[0]),
                                study.env_options, arm.preset)
+    command = f"spa experiment {args.file}"
     if not args.report_only:
-        run_study(study)
-    path = write_results(study, f"spa experiment {args.file}")
+        run_study(study, after_cell=lambda: write_results(study, command))
+    path = write_results(study, command)
     print(f"[experiment] wrote {path}")
     return 0
