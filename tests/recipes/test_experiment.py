@@ -92,3 +92,38 @@ def test_bad_files_fail_by_name(tmp_path, text, needle):
     (tmp_path / "s.yaml").write_text(text)
     res = spa("experiment", str(tmp_path / "s.yaml"))
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cells_reuse_the_stages_another_arm_ran_with_the_same_config(tmp_path):
+    """Arms that differ only from some stage on share the stages before it (hard links, not
+    copies), and run the rest themselves."""
+    import os
+
+    (tmp_path / "tiny.yaml").write_text(PRESET)
+    (tmp_path / "study.yaml").write_text("""
+env: frozenlake
+env_options: '{is_slippery: false}'
+seeds: [0]
+runs: runs
+results: results
+preset: tiny.yaml
+arms:
+  base: {}
+  more-eval-samples: {set: [eval.eval.samples=4]}
+  longer-sft: {set: [sft.epochs=2]}
+""")
+    res = spa("experiment", str(tmp_path / "study.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = tmp_path / "runs"
+    record = json.loads((tmp_path / "results" / "more-eval-samples" / "seed-0.json").read_text())
+    assert record["reused_stages"] == ["generate", "sft", "eval-sft-wm", "train"]
+    assert (runs / "more-eval-samples" / "seed-0" / "REUSED_FROM").read_text().strip() == str(runs / "base" / "seed-0")
+    a = runs / "base" / "seed-0" / "train" / "final" / "model.safetensors"
+    b = runs / "more-eval-samples" / "seed-0" / "train" / "final" / "model.safetensors"
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # the same file, linked
+    assert record["final"]["episodes"] == 2 * 4  # its own evaluation ran, with its own samples
+    longer = json.loads((tmp_path / "results" / "longer-sft" / "seed-0.json").read_text())
+    assert longer["reused_stages"] == ["generate"]  # sft differs, so everything after it is its own
+    sft_a = (runs / "base" / "seed-0" / "sft" / "final" / "model.safetensors").read_bytes()
+    sft_c = (runs / "longer-sft" / "seed-0" / "sft" / "final" / "model.safetensors").read_bytes()
+    assert sft_a != sft_c

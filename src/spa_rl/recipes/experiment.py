@@ -161,17 +161,93 @@ def run_study(study: Study, after_cell=None) -> None:
         eta = f"; about {sum(durations) / len(durations) * (len(todo) - k + 1) / 60:.0f} min left" if durations else ""
         print(f"[experiment] cell {k}/{len(todo)}: arm {arm.name}, seed {seed}{eta}", flush=True)
         run = study.runs / arm.name / f"seed-{seed}"
+        reused = [] if run.exists() else reuse_stages(study, arm, seed, run)
+        if reused:
+            print(f"[experiment] reusing {', '.join(reused)} of {reused_from(study, arm, seed, run)}", flush=True)
         t0 = time.perf_counter()
         code = pipeline.run(argparse.Namespace(env=study.env, preset=arm.preset, model=study.model, out=str(run),
                                                set=cell_overrides(study, arm, seed), env_options=study.env_options))
         if code:
             raise SystemExit(code)
         record = {"arm": arm.name, "seed": seed, "preset": arm.preset, "overrides": arm.overrides,
-                  "seconds": time.perf_counter() - t0, **collect_cell(run)}
+                  "seconds": time.perf_counter() - t0, "reused_stages": reused, **collect_cell(run)}
         atomic_write_text(study.results / arm.name / f"seed-{seed}.json", json.dumps(record, indent=1) + "\n")
         durations.append(record["seconds"])
         if after_cell is not None:
             after_cell()
+
+
+def _cell_configs(study: Study, arm: Arm, seed: int, run: Path) -> dict:
+    """The cell's resolved stage configs, as plain values with its own folder written `<RUN>`
+    (so that two cells' configs compare equal when they differ only in where they live)."""
+    from spa_rl.config import config_to_dict
+    from spa_rl.recipes import pipeline
+
+    preset = pipeline.load_preset(arm.preset)
+    configs = pipeline.stage_configs(preset, study.env, study.model or preset.get("model", "default"), run,
+                                     cell_overrides(study, arm, seed), study.env_options, arm.preset)
+    return {stage: _relative(config_to_dict(cfg), run) for stage, cfg in configs.items()}
+
+
+def _relative(values, run: Path):
+    if isinstance(values, dict):
+        return {k: _relative(v, run) for k, v in values.items() if k not in ("resume", "runtime")}
+    if isinstance(values, list):
+        return [_relative(v, run) for v in values]
+    if isinstance(values, str) and values.startswith(str(run)):
+        return "<RUN>" + values[len(str(run)):]
+    return values
+
+
+def _shared_prefix(study: Study, arm: Arm, seed: int, run: Path) -> tuple[Path | None, list[str]]:
+    """The other arm's cell of this seed that already ran the longest leading run of this
+    cell's stages with the same resolved configs, and those stages. Only a leading run: a
+    stage's inputs are the earlier stages' outputs, so a stage is the same only when every
+    stage before it is."""
+    from spa_rl.recipes import pipeline
+
+    mine = _cell_configs(study, arm, seed, run)
+    best: tuple[Path | None, list[str]] = (None, [])
+    for other_arm in study.arms:
+        other = study.runs / other_arm.name / f"seed-{seed}"
+        if other_arm.name == arm.name or not other.is_dir():
+            continue
+        shared = []
+        for stage, values in mine.items():
+            saved = other / stage / "stage_config.yaml"
+            if not (other / stage / pipeline.DONE).is_file() or not saved.is_file():
+                break
+            if _relative(yaml.safe_load(saved.read_text()), other) != values:
+                break
+            shared.append(stage)
+        if len(shared) > len(best[1]):
+            best = (other, shared)
+    return best
+
+
+def reused_from(study: Study, arm: Arm, seed: int, run: Path) -> str:
+    return str((run / "REUSED_FROM").read_text().strip()) if (run / "REUSED_FROM").is_file() else ""
+
+
+def reuse_stages(study: Study, arm: Arm, seed: int, run: Path) -> list[str]:
+    """Before a cell first runs: stages that another arm of the same seed has already run
+    with the same resolved config (e.g. SPA and masked-world-model SPA share the warm-up and
+    the self-play) are hard-linked into this cell's folder instead of being run again (same
+    bytes, no extra disk); `REUSED_FROM` names the cell they came from. Returns their names."""
+    import os
+    import shutil
+
+    other, stages = _shared_prefix(study, arm, seed, run)
+    if other is None:
+        return []
+    run.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        tmp = run / f".{stage}.linking"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(other / stage, tmp, symlinks=True, copy_function=os.link)
+        tmp.rename(run / stage)  # a stage folder appears whole or not at all
+    (run / "REUSED_FROM").write_text(f"{other}\n")
+    return stages
 
 
 # ---- the summary -----------------------------------------------------------------------------
