@@ -23,7 +23,11 @@ A cell (arm, seed) is one `spa pipeline` run in `runs/ARM/seed-N` with every sta
 set to N (the validation levels stay fixed). When it finishes, its metrics go to
 `results/ARM/seed-N.json`, written atomically; a cell whose JSON exists is skipped, so a
 matrix can be completed over several sittings, and an interrupted cell resumes from its
-pipeline folder. A path in the file (a preset, runs, results) is relative to the file.
+pipeline folder. Cells run seed by seed (every arm's seed 0 first). A cell that starts afresh
+reuses the leading stages another arm of its seed already ran with the same resolved config
+(hard links, `REUSED_FROM`): SPA and its masked-world-model ablation share the warm-up and the
+self-play, so the two arms differ only where their configs do. A path in the file (a preset,
+runs, results) is relative to the file; so is a preset's `base:` file.
 """
 
 from __future__ import annotations
