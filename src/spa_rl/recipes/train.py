@@ -557,7 +557,10 @@ def restore(resume_from: Path, optimizers: dict, schedulers: dict) -> int:
     return state["counters"]["step"]
 
 
-def step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing) -> dict:
+def step_metrics(rollouts, scores, filter_stats, gap, trained_tokens, update_stats, timing) -> dict:
+    """The step's log line. `rollouts` are every rank's episodes and `trained_tokens` counts the
+    covered tokens of the kept episodes of every rank, so each key but time/* and the
+    throughput is what one process running the same step logs."""
     n_tokens = sum(r.response_tokens for r in rollouts)
     return {
         "rollout/score_mean": scores.mean().item(),
@@ -568,6 +571,7 @@ def step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing) -> d
                                         / max(1, sum(len(r.turns) for r in rollouts))),
         "rollout/generated_tokens_per_s": n_tokens / timing["time/rollout_s"],
         "rollout/logprob_gap": gap,
+        "rollout/trained_tokens": trained_tokens,
         **{f"rollout/{k}": v for k, v in filter_stats.items()},
         **update_stats, **timing,
     }
@@ -623,7 +627,8 @@ def main(cfg: Config) -> int:
         timing["time/update_s"] = time.perf_counter() - t2
         timing["time/step_s"] = time.perf_counter() - t0
 
-        metrics = step_metrics(rollouts, scores, filter_stats, gap, update_stats, timing)
+        trained_tokens = int(batch.mask.sum().item())  # the whole step's (the batch holds every rank's episodes)
+        metrics = step_metrics(rollouts, scores, filter_stats, gap, trained_tokens, update_stats, timing)
         log.log(step + 1, {**metrics, "runtime/world_size": rt.world_size})
         rt.print(f"step {step + 1}/{cfg.steps}: score {metrics['rollout/score_mean']:.3f} success "
                  f"{metrics['rollout/success']:.3f} pg_loss {update_stats.get('actor/pg_loss', float('nan')):.4f} "
