@@ -176,3 +176,26 @@ def test_ratio_uses_the_sampling_temperature(tmp_path):
                                sampling={"max_new_tokens": 12, "temperature": 0.7}, **{"model.dtype": "fp32"}))
     assert rows[0]["rollout/logprob_gap"] < 1e-4
     assert rows[0]["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_an_episode_without_a_turn_adds_no_loss_and_no_crash():
+    """An episode whose first prompt does not fit the context budget plays no turn; the batch
+    still builds (it used to raise on max() of nothing), with nothing of it covered."""
+    from spa_rl.agent import EpisodeConfig
+    from spa_rl.models import load_model_and_tokenizer
+    from spa_rl.rollout.backend import HFBackend, SamplingParams
+    from spa_rl.rollout.engine import make_episodes, run_rollouts
+    from spa_rl.tokens import ChatTokenizer
+
+    model, tok = load_model_and_tokenizer("tiny", dtype="fp32")
+    chat = ChatTokenizer(tok)
+    eps = make_episodes("frozenlake", "train", 0, 1, 2, EpisodeConfig(max_turns=1))
+    first = len(chat.prompt_ids(eps[0][1].messages))
+    params = SamplingParams(max_new_tokens=8)
+    fits = run_rollouts(eps[:1], HFBackend(model, tok), chat, params, max_context_tokens=first + 8)
+    overflows = run_rollouts(eps[1:], HFBackend(model, tok), chat, params, max_context_tokens=first)
+    assert overflows[0].context_overflow and not overflows[0].turns
+    cfg = load_config(train.Config, {**SMALL, "out": "unused"})
+    batch = train.build_batch(fits + overflows, torch.tensor([1.0, -0.1]), chat, cfg, tok.pad_token_id)
+    assert batch.mask[1].sum() == 0 and batch.rewards[1].abs().sum() == 0
+    assert batch.mask[0].sum() > 0 and batch.rewards[0].sum() == 1.0

@@ -203,7 +203,10 @@ class Models:
 
 
 def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) -> PPOBatch:
-    """Tensors for the kept episodes. Rewards: the episode score on its last covered token."""
+    """Tensors for the kept episodes. Rewards: the episode score on its last covered token. An
+    episode with no covered token (its first prompt left no room under
+    `episode.max_context_tokens`) contributes no loss; its score still counts in its group's
+    statistics."""
     from spa_rl.training import pad_batch
 
     masks = [loss_mask_for(r, chat, cfg.loss_tokens) for r in rollouts]
@@ -212,8 +215,9 @@ def build_batch(rollouts, scores: torch.Tensor, chat, cfg: Config, pad_id: int) 
     rewards = torch.zeros(input_ids.shape, dtype=torch.float32)
     rollout_logprobs = torch.zeros(input_ids.shape, dtype=torch.float32)
     for b, r in enumerate(rollouts):
-        last = max(i for i, m in enumerate(masks[b]) if m)
-        rewards[b, last] = float(scores[b])
+        covered = [i for i, m in enumerate(masks[b]) if m]
+        if covered:
+            rewards[b, covered[-1]] = float(scores[b])
         rollout_logprobs[b, :len(r.sequence)] = torch.tensor(r.sequence.logprobs)
     return PPOBatch(input_ids=input_ids, attention_mask=attention, mask=mask.float(), rewards=rewards,
                     rollout_logprobs=rollout_logprobs, scores=scores.float(),
