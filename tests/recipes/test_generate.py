@@ -163,7 +163,7 @@ def test_random_coords_are_consistent_and_in_grid(tmp_path):
 class _FakeBackend:
     """Stands in for HFBackend: answers from a script instead of sampling (tiny-model speed)."""
 
-    def __init__(self, model, tokenizer, max_batch_size=32, seed=0):
+    def __init__(self, model, tokenizer, max_batch_size=32, seed=0, engine="auto"):
         self.tokenizer = tokenizer
         self.calls = 0
 
