@@ -26,3 +26,26 @@ def default_model_dir(session_model_cache):
     from spa_rl.models import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture
+def install_fake_vllm(monkeypatch):
+    """`install(llm_cls, sampling_params_cls)`: a fake `vllm` module (vLLM cannot be installed
+    here: no CUDA) whose `LLM` and `SamplingParams` are the given classes, for this test only.
+    The backend fills torchrun's variables for vLLM's external launcher; they are kept out of
+    other tests too."""
+    import os
+    import sys
+    import types
+
+    def install(llm_cls, sampling_params_cls):
+        vllm = types.ModuleType("vllm")
+        vllm.LLM, vllm.SamplingParams = llm_cls, sampling_params_cls
+        inputs = types.ModuleType("vllm.inputs")
+        inputs.TokensPrompt = lambda **kwargs: dict(kwargs)  # a TypedDict: calling it makes a dict
+        vllm.inputs = inputs
+        monkeypatch.setitem(sys.modules, "vllm", vllm)
+        monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+        monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in
+                                            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
+    return install

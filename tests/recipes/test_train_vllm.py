@@ -11,7 +11,6 @@ and the log-probs it returns are the ones the training forward recomputes."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 
@@ -87,18 +86,9 @@ class HFBackedLLM:
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm(install_fake_vllm):
     ENGINES.clear()
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = HFBackedLLM, _SamplingParams
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda **kw: dict(kw)
-    vllm.inputs = inputs
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    # the backend sets torchrun's variables for vLLM's external launcher: keep them out of other tests
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
+    install_fake_vllm(HFBackedLLM, _SamplingParams)
     return ENGINES
 
 

@@ -44,10 +44,6 @@ class FakeSamplingParams:
         self.kwargs = kwargs
 
 
-def fake_tokens_prompt(**kwargs):  # vllm.inputs.TokensPrompt is a TypedDict: calling it makes a dict
-    return dict(kwargs)
-
-
 class FakeWorkerModel:
     def __init__(self, events):
         self.events, self.loaded = events, []
@@ -99,18 +95,9 @@ FAKE = types.SimpleNamespace(instances=[])
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm(install_fake_vllm):
     FAKE.instances.clear()
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = fake_tokens_prompt
-    vllm.inputs = inputs
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    # the backend fills torchrun's variables for external_launcher: keep them out of other tests
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
+    install_fake_vllm(FakeLLM, FakeSamplingParams)
     return FAKE
 
 

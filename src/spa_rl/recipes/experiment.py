@@ -165,9 +165,9 @@ def run_study(study: Study, after_cell=None) -> None:
         eta = f"; about {sum(durations) / len(durations) * (len(todo) - k + 1) / 60:.0f} min left" if durations else ""
         print(f"[experiment] cell {k}/{len(todo)}: arm {arm.name}, seed {seed}{eta}", flush=True)
         run = study.runs / arm.name / f"seed-{seed}"
-        reused = [] if run.exists() else reuse_stages(study, arm, seed, run)
+        source, reused = (None, []) if run.exists() else reuse_stages(study, arm, seed, run)
         if reused:
-            print(f"[experiment] reusing {', '.join(reused)} of {reused_from(study, arm, seed, run)}", flush=True)
+            print(f"[experiment] reusing {', '.join(reused)} of {source}", flush=True)
         t0 = time.perf_counter()
         code = pipeline.run(argparse.Namespace(env=study.env, preset=arm.preset, model=study.model, out=str(run),
                                                set=cell_overrides(study, arm, seed), env_options=study.env_options))
@@ -229,21 +229,18 @@ def _shared_prefix(study: Study, arm: Arm, seed: int, run: Path) -> tuple[Path |
     return best
 
 
-def reused_from(study: Study, arm: Arm, seed: int, run: Path) -> str:
-    return str((run / "REUSED_FROM").read_text().strip()) if (run / "REUSED_FROM").is_file() else ""
-
-
-def reuse_stages(study: Study, arm: Arm, seed: int, run: Path) -> list[str]:
+def reuse_stages(study: Study, arm: Arm, seed: int, run: Path) -> tuple[Path | None, list[str]]:
     """Before a cell first runs: stages that another arm of the same seed has already run
     with the same resolved config (e.g. SPA and masked-world-model SPA share the warm-up and
     the self-play) are hard-linked into this cell's folder instead of being run again (same
-    bytes, no extra disk); `REUSED_FROM` names the cell they came from. Returns their names."""
+    bytes, no extra disk); `REUSED_FROM` names the cell they came from. Returns that cell's
+    folder and the stages' names."""
     import os
     import shutil
 
     other, stages = _shared_prefix(study, arm, seed, run)
     if other is None:
-        return []
+        return None, []
     run.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         tmp = run / f".{stage}.linking"
@@ -251,7 +248,7 @@ def reuse_stages(study: Study, arm: Arm, seed: int, run: Path) -> list[str]:
         shutil.copytree(other / stage, tmp, symlinks=True, copy_function=os.link)
         tmp.rename(run / stage)  # a stage folder appears whole or not at all
     (run / "REUSED_FROM").write_text(f"{other}\n")
-    return stages
+    return other, stages
 
 
 # ---- the summary -----------------------------------------------------------------------------

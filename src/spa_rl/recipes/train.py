@@ -266,17 +266,13 @@ def collect(models: Models, cfg: Config, step: int, rt) -> list:
 
 
 def rollout_backend(models: Models, cfg: Config, seed: int):
-    """The backend that samples for `collect` and `validate`. A vLLM engine is built once, given
-    the actor's current weights at once (the run may resume from a checkpoint), and kept in
-    `models.backends`; `sync_rollout_weights` refreshes it after every update."""
+    """The backend that samples for `collect` (validation passes the same cache to `evaluate`):
+    an engine kept across steps in `models.backends` (vLLM's, built in `load_models`) is
+    reseeded; an HF backend is built per call."""
     from spa_rl.rollout.setup import make_backend
 
-    fresh = "vllm" not in models.backends
-    backend = make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed, model_name=cfg.model.name,
-                           dtype=cfg.model.dtype, cache=models.backends)
-    if fresh and "vllm" in models.backends:
-        backend.update_weights(models.actor.state_dict())
-    return backend
+    return make_backend(models.rollout_model, models.tokenizer, cfg.sampling, seed, model_name=cfg.model.name,
+                        dtype=cfg.model.dtype, cache=models.backends)
 
 
 def release_rollout_memory(models: Models) -> None:
@@ -459,8 +455,6 @@ def validate(models: Models, cfg: Config, step: int, log, rt) -> dict:
     rollouts, seconds = [], 0.0
     for i, n, seed in sampler_blocks(rt.shard_range(ec.eval.levels), ec.eval.first_level, ec.seed, cfg, rt, 1):
         part = replace(ec, seed=seed, eval=replace(ec.eval, first_level=ec.eval.first_level + i, levels=n))
-        if cfg.sampling.backend == "vllm":
-            rollout_backend(models, cfg, seed)  # built and given the actor's weights once
         metrics, block = evaluate(models.rollout_model, models.tokenizer, part, split="val", show_progress=False,
                                   backend_cache=models.backends)
         for r in block:
@@ -532,8 +526,12 @@ def load_models(cfg: Config, resume_from: Path | None, rt) -> Models:
     # (vLLM keeps its own copy of the weights: no rollout copy then)
     bf16_copy = rt.dtype == torch.bfloat16 and cfg.sampling.backend != "vllm"
     rollout_model = copy.deepcopy(actor).to(torch.bfloat16).eval() if bf16_copy else actor
-    return Models(actor=actor, rollout_model=rollout_model, critic=critic, ref=ref, tokenizer=tokenizer,
-                  chat=ChatTokenizer(tokenizer))
+    models = Models(actor=actor, rollout_model=rollout_model, critic=critic, ref=ref, tokenizer=tokenizer,
+                    chat=ChatTokenizer(tokenizer))
+    if cfg.sampling.backend == "vllm":
+        # one engine for the whole run, given the actor's weights at once (a resumed run's checkpoint)
+        rollout_backend(models, cfg, cfg.seed).update_weights(actor.state_dict())
+    return models
 
 
 def make_optimizers(models: Models, cfg: Config) -> tuple[dict, dict]:

@@ -111,7 +111,7 @@ class VLLMBackend:
 
         env_rank, _, local_rank = runtime.env_ranks()
         self.rank = env_rank if rank is None else rank
-        self.seed = int(seed)
+        self.reseed(seed)
         self.logprobs_mode = logprobs_mode
         self.strict_logprobs = strict_logprobs
         self.enable_sleep_mode = enable_sleep_mode
@@ -124,7 +124,6 @@ class VLLMBackend:
         torch_dtype = runtime.resolve_dtype(dtype, target)
         self.dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[runtime.dtype_name(torch_dtype)]
         self.model = model_path(model, cache_dir)
-        self._calls = 0
         self._asleep: int | None = None  # the sleep level while asleep
         self.weight_version = 0
         # external_launcher runs vLLM's engine in this process and takes its rank from torchrun's
