@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from spa_rl.models.tiny import build_byte_tokenizer, build_tiny_model
+from spa_rl.rollout import kernels, kvcache
 from spa_rl.rollout.backend import HFBackend, SamplingParams
 
 SYSTEM = "<|im_start|>system\nYou are a careful agent that plays grid games turn by turn.<|im_end|>\n"
@@ -130,15 +131,29 @@ def test_engine_matches_the_hf_forward_path(tiny):
     assert fast.logprobs == pytest.approx(slow.logprobs, abs=1e-4)
 
 
-def test_bf16_engine_logprobs_equal_the_bf16_forward(tiny):
+@pytest.mark.parametrize("heads", ["head_dim 32", "head_dim 64"])
+def test_bf16_engine_logprobs_equal_the_bf16_forward(tiny, heads, monkeypatch):
+    """head_dim 32: attention by PyTorch's flash kernel; head_dim 64 with 3 query heads per KV
+    head (SmolLM2's layout): by the AVX-512 decode kernel where the CPU has it (kernels.py)."""
     model, tok = tiny
-    bf16 = build_tiny_model(tok, seed=0).eval()
-    bf16.load_state_dict(model.state_dict())
+    if heads == "head_dim 32":
+        bf16 = build_tiny_model(tok, seed=0).eval()
+        bf16.load_state_dict(model.state_dict())
+    else:
+        bf16 = build_tiny_model(tok, seed=0, hidden=192, heads=3, kv_heads=1).eval()
+        with torch.no_grad():
+            bf16.model.norm.weight.mul_(3.0)
     bf16 = bf16.to(torch.bfloat16)
-    prompts = level_prompts(tok)[:4]
+    used = []
+    real = kvcache.decode_attention_for
+    monkeypatch.setattr(kvcache, "decode_attention_for", lambda q, g: used.append(real(q, g)) or used[-1])
+    # two identical prompts (a shared group segment) and two other levels
+    prompts = level_prompts(tok)[:3] + level_prompts(tok)[:1]
     backend = HFBackend(bf16, tok, max_batch_size=4, seed=2)
     assert backend.compute_dtype() == torch.bfloat16
     record, _ = run_episodes(backend, tok, prompts, SamplingParams(max_new_tokens=10, stop_strings=()), turns=2)
+    expect_kernel = heads == "head_dim 64" and kernels._cpu_has_avx512() and kernels.kernel_enabled()
+    assert used and all((f is not None) == expect_kernel for f in used)
     gaps = []
     for turns_ in record.values():
         for ids, samples in turns_:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from spa_rl.rollout.kernels import decode_attention_for
+
 GROW_ROUND = 128  # capacities are rounded up to this many tokens
 NEG_INF = float("-inf")
 
@@ -74,9 +76,11 @@ class DecodePlan:
     write_rows: torch.Tensor  # (B * kv_heads,) row of each new key in a layer's slot buffer viewed as (-1, d)
     slot_len: int  # private keys to read (max over rows, after the write), rounded up
     slot_mask: torch.Tensor  # (B, 1, 1, slot_len) additive
+    slot_keys: torch.Tensor  # (B,) int64: private keys each row reads (after the write)
     n_seg: int
     seg_len: int
     seg_mask: torch.Tensor | None  # (S, 1, 1, seg_len)
+    seg_keys: torch.Tensor | None  # (S,) int64: tokens of each segment
     seg_rows: torch.Tensor | None  # (S * R,) row feeding each (segment, rank) place; B = padding
     seg_back: torch.Tensor | None  # (B,) place of each row in the (S * R) grid
     group: int  # R: most rows sharing one segment
@@ -243,9 +247,9 @@ class KVCache:
         cap, KV = self.slot_k.shape[3], self.n_kv_heads
         heads = torch.arange(KV, device=dev)
         write_rows = ((torch.arange(B, device=dev)[:, None] * KV + heads) * cap + lens[:, None]).reshape(-1)
-        plan = DecodePlan(write_rows=write_rows, slot_len=read,
-                          slot_mask=slot_mask[:, None, None, :], n_seg=len(self.segments), seg_len=0,
-                          seg_mask=None, seg_rows=None, seg_back=None, group=0, has_seg=None)
+        plan = DecodePlan(write_rows=write_rows, slot_len=read, slot_mask=slot_mask[:, None, None, :],
+                          slot_keys=lens + 1, n_seg=len(self.segments), seg_len=0, seg_mask=None,
+                          seg_keys=None, seg_rows=None, seg_back=None, group=0, has_seg=None)
         if self.segments:
             members: list[list[int]] = [[] for _ in self.segments]
             for row, seg in enumerate(self.slot_seg):
@@ -259,6 +263,7 @@ class KVCache:
                 places.extend(m + [B] * (R - len(m)))
             seg_lens = torch.tensor([len(s.ids) for s in self.segments], device=dev)
             plan.seg_len = int(seg_lens.max())
+            plan.seg_keys = seg_lens
             plan.seg_mask = torch.where(torch.arange(plan.seg_len, device=dev)[None] < seg_lens[:, None],
                                         0.0, NEG_INF)[:, None, None, :]
             plan.seg_rows = torch.tensor(places, device=dev)
@@ -279,15 +284,24 @@ class KVCache:
             self.slot_v[layer].view(-1, d).index_copy_(0, plan.write_rows, v.reshape(B * KV, d))
             # GQA: the g query heads of one KV head act as g queries of that head
             qg = q.view(B, KV, g, d)
-            out, lse = attention_with_lse(qg, self.slot_k[layer, :B, :, :plan.slot_len],
-                                          self.slot_v[layer, :B, :, :plan.slot_len], plan.slot_mask, scale)
+            kernel = decode_attention_for(q, g)  # kernels.py; None: PyTorch's flash kernel
+            if kernel is not None:
+                out, lse = kernel(qg.contiguous(), self.slot_k[layer, :B], self.slot_v[layer, :B],
+                                  plan.slot_keys, scale)
+            else:
+                out, lse = attention_with_lse(qg, self.slot_k[layer, :B, :, :plan.slot_len],
+                                              self.slot_v[layer, :B, :, :plan.slot_len], plan.slot_mask, scale)
             if plan.n_seg:
                 S, R = plan.n_seg, plan.group
                 # rows sharing a segment become one query block: (S, KV, R * g, d)
                 padded = torch.cat([qg, qg.new_zeros(1, KV, g, d)])[plan.seg_rows]
                 qs = padded.view(S, R, KV, g, d).transpose(1, 2).reshape(S, KV, R * g, d)
-                out_s, lse_s = attention_with_lse(qs, self.seg_k[layer, :S, :, :plan.seg_len],
-                                                  self.seg_v[layer, :S, :, :plan.seg_len], plan.seg_mask, scale)
+                kernel = decode_attention_for(qs, R * g)  # one query block per segment
+                if kernel is not None:
+                    out_s, lse_s = kernel(qs, self.seg_k[layer, :S], self.seg_v[layer, :S], plan.seg_keys, scale)
+                else:
+                    out_s, lse_s = attention_with_lse(qs, self.seg_k[layer, :S, :, :plan.seg_len],
+                                                      self.seg_v[layer, :S, :, :plan.seg_len], plan.seg_mask, scale)
                 out_s = out_s.view(S, KV, R, g, d).transpose(1, 2).reshape(S * R, KV, g, d)[plan.seg_back]
                 lse_s = lse_s.view(S, KV, R, g).transpose(1, 2).reshape(S * R, KV, g)[plan.seg_back]
                 lse_s = lse_s.masked_fill(~plan.has_seg, NEG_INF)

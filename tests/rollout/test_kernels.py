@@ -1,0 +1,74 @@
+"""The AVX-512 decode-attention kernel (rollout/kernels.py) computes what PyTorch's flash kernel
+computes, on the shapes the engine gives it: strided views of the cache buffers, rows of
+different lengths, a row with no keys, and up to 16 queries per KV head.
+
+Tolerance: both take fp32 scores of bf16 inputs and round the output to bf16 once, summing in
+different orders; outputs agree to within 2 bf16 steps at their magnitude (|out| <= 4 here:
+2^-6) and the log-sum-exps to 1e-4. The machine must have AVX-512 (skipped elsewhere: the
+engine then uses the flash kernel, which these tests compare against)."""
+
+import pytest
+import torch
+
+from spa_rl.rollout import kernels
+from spa_rl.rollout.kvcache import attention_with_lse
+
+pytestmark = pytest.mark.skipif(not kernels._cpu_has_avx512() or not kernels.kernel_enabled(),
+                                reason="the decode-attention kernel needs an AVX-512 CPU")
+
+
+@pytest.fixture(scope="module")
+def decode_attention():
+    module = kernels.load_decode_attention()
+    assert module is not None, "the kernel did not build on an AVX-512 machine"
+    return module.decode_attention
+
+
+def reference(q, k, v, lens, scale):
+    L = k.shape[2]
+    mask = torch.where(torch.arange(L)[None] < lens[:, None], 0.0, float("-inf"))[:, None, None, :]
+    return attention_with_lse(q, k, v, mask, scale)
+
+
+@pytest.mark.parametrize("rows,heads,group,keys", [(16, 3, 3, 264), (5, 2, 1, 37), (2, 3, 16, 600), (1, 1, 7, 1)])
+def test_kernel_equals_the_flash_kernel(decode_attention, rows, heads, group, keys):
+    g = torch.Generator().manual_seed(rows * 1000 + keys)
+    scale = 64 ** -0.5
+    q = torch.randn(rows, heads, group, 64, generator=g).to(torch.bfloat16)
+    # views of larger buffers, as the engine passes its cache: (rows, heads, capacity, 64)
+    k_buf = (2 * torch.randn(rows + 1, heads, keys + 64, 64, generator=g)).to(torch.bfloat16)
+    v_buf = torch.randn(rows + 1, heads, keys + 64, 64, generator=g).to(torch.bfloat16)
+    k, v = k_buf[:rows, :, :keys], v_buf[:rows, :, :keys]
+    lens = torch.randint(1, keys + 1, (rows,), generator=g)
+    lens[0] = keys
+    out, lse = decode_attention(q, k_buf[:rows], v_buf[:rows], lens, scale)
+    ref_out, ref_lse = reference(q, k, v, lens, scale)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert (out.float() - ref_out.float()).abs().max().item() <= 2 ** -6
+    assert (lse - ref_lse).abs().max().item() < 1e-4
+
+
+def test_a_row_without_keys_gets_zeros(decode_attention):
+    q = torch.randn(2, 1, 3, 64).to(torch.bfloat16)
+    k = torch.randn(2, 1, 8, 64).to(torch.bfloat16)
+    out, lse = decode_attention(q, k, k, torch.tensor([0, 8]), 0.125)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    assert torch.isfinite(lse[1]).all()
+
+
+def test_bad_input_is_refused_with_a_message(decode_attention):
+    q = torch.randn(1, 1, 3, 64).to(torch.bfloat16)
+    k = torch.randn(1, 1, 8, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="lens exceed the keys"):
+        decode_attention(q, k, k, torch.tensor([9]), 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        decode_attention(q.float(), k, k, torch.tensor([8]), 0.125)
+
+
+def test_the_engine_uses_the_kernel_only_where_it_applies():
+    bf16 = torch.empty(4, 3, 64, dtype=torch.bfloat16)
+    assert kernels.decode_attention_for(bf16, 3) is not None
+    assert kernels.decode_attention_for(bf16, 17) is None  # more queries per KV head than it holds
+    assert kernels.decode_attention_for(bf16.float(), 3) is None
+    assert kernels.decode_attention_for(torch.empty(4, 3, 32, dtype=torch.bfloat16), 3) is None
