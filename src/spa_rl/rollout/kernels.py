@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 HEAD_DIM = 64
-MAX_GROUP = 16  # query heads per KV head the kernel handles at once
+MAX_GROUP = 16  # queries per KV head the kernel handles at once
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 _module = None  # the built extension, False once it is known to be unavailable
 

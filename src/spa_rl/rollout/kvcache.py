@@ -62,6 +62,26 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(p, v), lse
 
 
+def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Prefill attention of one sequence's new tokens with grouped-query heads.
+
+    q: (n, H, d); k, v: (KV, ctx, d); visible: (n, ctx) bool. Returns (n, H, d).
+    The g = H / KV query heads that read one KV head are folded into that head's queries, so
+    the attention is one (KV, g * n) x (KV, ctx) product with K and V read as they are. Why:
+    SDPA with `enable_gqa=True` ran 2.6x slower on CPU at prefill shapes (141 queries, 665 keys,
+    SmolLM2's 9/3 heads: 5.7 vs 2.2 ms), and expanding K and V to every query head 1.3x slower.
+    """
+    n, H, d = q.shape
+    KV = k.shape[0]
+    g = H // KV
+    qf = q.view(n, KV, g, d).permute(1, 2, 0, 3).reshape(KV, g * n, d)  # head h = kv * g + j
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
+    mask = mask.repeat(g, 1)
+    out, _ = attention_with_lse(qf[None], k[None], v[None], mask[None, None], scale)
+    return out[0].view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
+
+
 @dataclass
 class Segment:
     ids: tuple[int, ...]
@@ -229,9 +249,7 @@ class KVCache:
                 ctx = keys.shape[1]
                 # query i (absolute row ctx - n + i) sees keys 0 .. ctx - n + i
                 visible = torch.ones(job.n, ctx, dtype=torch.bool, device=q.device).tril(ctx - job.n)
-                out[a:b] = F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1)[None], keys[None], values[None], attn_mask=visible,
-                    scale=scale, enable_gqa=True)[0].transpose(0, 1)
+                out[a:b] = grouped_causal_attention(q[a:b], keys, values, visible, scale)
             return out
         return attend
 
