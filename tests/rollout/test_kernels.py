@@ -7,6 +7,10 @@ different orders; outputs agree to within 2 bf16 steps at their magnitude (|out|
 2^-6) and the log-sum-exps to 1e-4. The machine must have AVX-512 (skipped elsewhere: the
 engine then uses the flash kernel, which these tests compare against)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +76,12 @@ def test_the_engine_uses_the_kernel_only_where_it_applies():
     assert kernels.decode_attention_for(bf16, 17) is None  # more queries per KV head than it holds
     assert kernels.decode_attention_for(bf16.float(), 3) is None
     assert kernels.decode_attention_for(torch.empty(4, 3, 32, dtype=torch.bfloat16), 3) is None
+
+
+def test_a_built_kernel_is_imported_from_the_cache(decode_attention):
+    """Once built (by the fixture, in this process or an earlier one), a new process imports the
+    library from its cache folder instead of building again, and no scratch folder is left."""
+    code = "from spa_rl.rollout import kernels; print(kernels.load_decode_attention().__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert Path(done.stdout.strip()).parent == kernels._cache_dir()
+    assert not list(kernels._cache_dir().parent.glob(kernels._cache_dir().name + ".building-*"))

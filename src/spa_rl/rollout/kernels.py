@@ -9,15 +9,22 @@ head), in fp32 arithmetic from bf16, and ran 2-2.6x faster than the flash kernel
 shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces them).
 
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
-torch.compile needs on CPU) into torch's extension cache the first time a process decodes on an
-AVX-512 CPU (about 30 s, once per machine and source version). Where it cannot be built or run
-(no AVX-512, no compiler, other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the flash
-kernel, with one warning when a build was attempted and failed.
+torch.compile needs on CPU) the first time a process decodes on an AVX-512 CPU (about 30 s), in
+a private temporary folder that is then renamed into torch's extension cache under a name that
+hashes the source, the flags and the torch version: later processes import the built library at
+once, and a build killed half-way leaves no lock behind (torch's own shared build folder would
+make every later build wait on it). Where it cannot be built or run (no AVX-512, no compiler,
+other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the flash kernel, with one warning
+when a build was attempted and failed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +33,8 @@ import torch
 HEAD_DIM = 64
 MAX_GROUP = 16  # queries per KV head the kernel handles at once
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+_NAME = "spa_rl_decode_attention"
+_CFLAGS = ["-O3", "-mavx512f", "-mfma"]
 _module = None  # the built extension, False once it is known to be unavailable
 
 
@@ -47,14 +56,40 @@ def load_decode_attention():
         _module = False
         if kernel_enabled() and _cpu_has_avx512():
             try:
-                from torch.utils.cpp_extension import load
-
-                _module = load("spa_rl_decode_attention", [str(_SOURCE)],
-                               extra_cflags=["-O3", "-mavx512f", "-mfma"], verbose=False)
+                _module = _build_or_import()
             except Exception as exc:  # no compiler or ninja, or the build failed
                 warnings.warn(f"the AVX-512 decode-attention kernel could not be built ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); using PyTorch's flash kernel")
     return _module or None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    return Path(root) / f"{_NAME}-{tag.hexdigest()[:16]}"
+
+
+def _build_or_import():
+    target = _cache_dir()
+    library = target / f"{_NAME}.so"
+    if library.exists():
+        spec = importlib.util.spec_from_file_location(_NAME, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    from torch.utils.cpp_extension import load
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.building-", dir=target.parent))
+    try:
+        module = load(_NAME, [str(_SOURCE)], extra_cflags=_CFLAGS, build_directory=str(scratch), verbose=False)
+        try:
+            os.replace(scratch, target)  # atomic; another process may have finished first
+        except OSError:
+            pass
+        return module  # the loaded library stays mapped whatever happens to its folder
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def decode_attention_for(q: torch.Tensor, group: int):
