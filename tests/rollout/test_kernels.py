@@ -7,6 +7,7 @@ different orders; outputs agree to within 2 bf16 steps at their magnitude (|out|
 2^-6) and the log-sum-exps to 1e-4. The machine must have AVX-512 (skipped elsewhere: the
 engine then uses the flash kernel, which these tests compare against)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,10 @@ def test_a_built_kernel_is_imported_from_the_cache(decode_attention):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert Path(done.stdout.strip()).parent == kernels._cache_dir()
     assert not list(kernels._cache_dir().parent.glob(kernels._cache_dir().name + ".building-*"))
+
+
+def test_the_kernel_can_be_switched_off():
+    code = "from spa_rl.rollout import kernels; print(kernels.load_decode_attention())"
+    env = {**os.environ, "SPA_RL_DECODE_KERNEL": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
+    assert done.stdout.strip() == "None"

@@ -11,11 +11,11 @@ shapes (docs/performance.md has the measurements; `benchmarks/attention.py` repr
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
 torch.compile needs on CPU) the first time a process decodes on an AVX-512 CPU (about 30 s), in
 a private temporary folder that is then renamed into torch's extension cache under a name that
-hashes the source, the flags and the torch version: later processes import the built library at
-once, and a build killed half-way leaves no lock behind (torch's own shared build folder would
-make every later build wait on it). Where it cannot be built or run (no AVX-512, no compiler,
-other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the flash kernel, with one warning
-when a build was attempted and failed.
+hashes the source, the flags, the torch version and the Python version. Later processes import
+the built library at once, and a build killed half-way leaves no lock behind (torch's own
+shared build folder would make every later build wait on it). Where it cannot be built or run
+(no AVX-512, no compiler, other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the
+flash kernel, with one warning when a build was attempted and failed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -65,7 +66,9 @@ def load_decode_attention():
 
 def _cache_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    # the library links against this torch and this Python's ABI
+    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+                         + sys.version.encode())
     return Path(root) / f"{_NAME}-{tag.hexdigest()[:16]}"
 
 
