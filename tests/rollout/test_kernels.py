@@ -93,3 +93,29 @@ def test_the_kernel_can_be_switched_off():
     env = {**os.environ, "SPA_RL_DECODE_KERNEL": "0"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
     assert done.stdout.strip() == "None"
+
+
+def test_the_variant_without_bf16_dot_products_agrees():
+    """CPUs with AVX-512 but without AVX512_BF16 (Skylake-X, Ice Lake) get the kernel's fp32
+    score loop; build that variant in a subprocess and check it against the flash kernel."""
+    code = """
+import torch
+from spa_rl.rollout import kernels
+from spa_rl.rollout.kvcache import attention_with_lse
+assert "-mavx512bf16" not in kernels._cflags()
+module = kernels.load_decode_attention()
+g = torch.Generator().manual_seed(5)
+q = torch.randn(6, 3, 3, 64, generator=g).bfloat16()
+k = torch.randn(6, 3, 300, 64, generator=g).bfloat16()
+v = torch.randn(6, 3, 300, 64, generator=g).bfloat16()
+lens = torch.tensor([300, 1, 17, 250, 299, 64])
+mask = torch.where(torch.arange(300)[None] < lens[:, None], 0.0, float("-inf"))[:, None, None, :]
+out, lse = module.decode_attention(q, k, v, lens, 0.125)
+ref_out, ref_lse = attention_with_lse(q, k, v, mask, 0.125)
+print((out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
+"""
+    env = {**os.environ, "SPA_RL_DECODE_KERNEL": "avx512f"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out_gap, lse_gap = map(float, done.stdout.split())
+    assert out_gap <= 2 ** -6 and lse_gap < 1e-4

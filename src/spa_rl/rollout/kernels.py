@@ -15,7 +15,8 @@ hashes the source, the flags, the torch version and the Python version. Later pr
 the built library at once, and a build killed half-way leaves no lock behind (torch's own
 shared build folder would make every later build wait on it). Where it cannot be built or run
 (no AVX-512, no compiler, other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the
-flash kernel, with one warning when a build was attempted and failed.
+flash kernel, with one warning when a build was attempted and failed. `SPA_RL_DECODE_KERNEL=avx512f`
+builds the variant for CPUs without the bf16 dot-product instructions (for its test).
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ HEAD_DIM = 64
 MAX_GROUP = 16  # queries per KV head the kernel handles at once
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 _NAME = "spa_rl_decode_attention"
-_CFLAGS = ["-O3", "-mavx512f", "-mfma"]
+
+
+def _cflags() -> list[str]:
+    """AVX-512F always; the bf16 dot-product instructions (AVX512_BF16, e.g. Zen 4, Sapphire
+    Rapids) where the CPU has them: the kernel's scores then take a third of the instructions."""
+    flags = ["-O3", "-mavx512f", "-mfma"]
+    try:
+        if os.environ.get("SPA_RL_DECODE_KERNEL") != "avx512f" and torch.cpu._is_avx512_bf16_supported():
+            flags.append("-mavx512bf16")
+    except AttributeError:
+        pass
+    return flags
 _module = None  # the built extension, False once it is known to be unavailable
 
 
@@ -67,7 +79,7 @@ def load_decode_attention():
 def _cache_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     # the library links against this torch and this Python's ABI
-    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_cflags()).encode() + torch.__version__.encode()
                          + sys.version.encode())
     return Path(root) / f"{_NAME}-{tag.hexdigest()[:16]}"
 
@@ -85,7 +97,7 @@ def _build_or_import():
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.building-", dir=target.parent))
     try:
-        module = load(_NAME, [str(_SOURCE)], extra_cflags=_CFLAGS, build_directory=str(scratch), verbose=False)
+        module = load(_NAME, [str(_SOURCE)], extra_cflags=_cflags(), build_directory=str(scratch), verbose=False)
         try:
             os.replace(scratch, target)  # atomic; another process may have finished first
         except OSError:

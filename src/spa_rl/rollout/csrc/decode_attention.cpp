@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -47,6 +48,26 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+
+
+#ifdef __AVX512BF16__
+// Lane sums of 16 vectors: out[j] = sum of the lanes of v[j], by a transpose-and-add tree (each
+// level halves the vectors and doubles the sums each holds): about 3 operations per sum
+// instead of the ~9 of one horizontal reduction per vector.
+inline __m512 lane_sums16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)  // within 128-bit lanes: 32-bit interleave, add
+    a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)  // 64-bit interleave, add: lane L of b[j] holds v[4j..4j+3]'s partial sums
+    b[j] = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * j]), _mm512_castps_pd(a[2 * j + 1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * j]), _mm512_castps_pd(a[2 * j + 1]))));
+  for (int j = 0; j < 2; ++j)  // across 128-bit lanes: (0, 2) + (1, 3)
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+#endif
 
 }  // namespace
 
@@ -93,10 +114,32 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
       }
       const int64_t Lp = (L + 15) / 16 * 16;
       scores.assign(G * Lp, -INFINITY);
+#ifndef __AVX512BF16__
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < 4; ++c)
           qv[g][c] = _mm512_mul_ps(load_bf16(qp + (i * G + g) * kHeadDim + 16 * c), _mm512_set1_ps(fscale));
+#endif
       const uint16_t* kb = kp + n * ksn + h * ksh;
+#ifdef __AVX512BF16__
+      // bf16 dot products (vdpbf16ps: pairs multiplied exactly, summed in fp32), 16 keys at a
+      // time per query, their lane sums by one tree; the scale applies to the sums
+      const __m512 scale_v = _mm512_set1_ps(fscale);
+      for (int64_t l0 = 0; l0 < L; l0 += 16) {
+        const int64_t m = std::min<int64_t>(16, L - l0);
+        const __mmask16 valid = m == 16 ? __mmask16(0xffff) : __mmask16((1u << m) - 1);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint16_t* qg = qp + (i * G + g) * kHeadDim;
+          const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qg), q1 = (__m512bh)_mm512_loadu_si512(qg + 32);
+          __m512 part[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            const uint16_t* kr = kb + (l0 + std::min(j, m - 1)) * ksl;  // past the end: the last key again
+            part[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kr)),
+                                       q1, (__m512bh)_mm512_loadu_si512(kr + 32));
+          }
+          _mm512_mask_storeu_ps(scores.data() + g * Lp + l0, valid, _mm512_mul_ps(lane_sums16(part), scale_v));
+        }
+      }
+#else
       for (int64_t l = 0; l < L; ++l) {
         const uint16_t* kr = kb + l * ksl;
         const __m512 k0 = load_bf16(kr), k1 = load_bf16(kr + 16), k2 = load_bf16(kr + 32), k3 = load_bf16(kr + 48);
@@ -108,6 +151,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           scores[g * Lp + l] = _mm512_reduce_add_ps(a);
         }
       }
+#endif
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * Lp;
         __m512 m = _mm512_set1_ps(-INFINITY);
