@@ -5,8 +5,10 @@ cached keys. PyTorch's CPU flash-attention kernel (`_scaled_dot_product_flash_at
 is built for many queries per block and ran these shapes at 3-5x their memory-read bound here;
 torch.compile of the same math (inductor C++) reached 1.3-1.8x the flash kernel, the plain
 matmul formula less. `csrc/decode_attention.cpp` reads each key and value once per (row, KV
-head), in fp32 arithmetic from bf16, and ran 2-2.6x faster than the flash kernel on the engine's
-shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces them).
+head), with bf16 dot products for the scores where the CPU has AVX512_BF16 (fp32 FMAs
+elsewhere) and fp32 softmax and sums, and ran 2.1-2.7x faster than the flash kernel on the
+engine's shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces
+them).
 
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
 torch.compile needs on CPU) the first time a process decodes on an AVX-512 CPU (about 30 s), in
