@@ -50,6 +50,8 @@ def _cflags() -> list[str]:
     except AttributeError:
         pass
     return flags
+
+
 _module = None  # the built extension, False once it is known to be unavailable
 
 
