@@ -61,22 +61,30 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(p, v), lse
 
 
-def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+def grouped_causal_mask(n: int, ctx: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask (group * n, ctx) for `grouped_causal_attention`: query i of the n new
+    tokens (absolute row ctx - n + i) sees keys 0 .. ctx - n + i, repeated for each of the
+    `group` query heads folded into one KV head's queries."""
+    visible = torch.ones(n, ctx, dtype=torch.bool, device=device).tril(ctx - n)
+    mask = torch.zeros(n, ctx, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
+    return mask.repeat(group, 1)
+
+
+def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                              scale: float) -> torch.Tensor:
     """Prefill attention of one sequence's new tokens with grouped-query heads.
 
-    q: (n, H, d); k, v: (KV, ctx, d); visible: (n, ctx) bool. Returns (n, H, d).
-    The g = H / KV query heads that read one KV head are folded into that head's queries, so
-    the attention is one (KV, g * n) x (KV, ctx) product with K and V read as they are. Why:
-    SDPA with `enable_gqa=True` ran 2.6x slower on CPU at prefill shapes (141 queries, 665 keys,
-    SmolLM2's 9/3 heads: 5.7 vs 2.2 ms), and expanding K and V to every query head 1.3x slower.
+    q: (n, H, d); k, v: (KV, ctx, d); mask: `grouped_causal_mask(n, ctx, H // KV, ...)`.
+    Returns (n, H, d). The g = H / KV query heads that read one KV head are folded into that
+    head's queries, so the attention is one (KV, g * n) x (KV, ctx) product with K and V read as
+    they are. Why: SDPA with `enable_gqa=True` ran 2.6x slower on CPU at prefill shapes (141
+    queries, 665 keys, SmolLM2's 9/3 heads: 5.7 vs 2.2 ms), and expanding K and V to every query
+    head 1.3x slower.
     """
     n, H, d = q.shape
     KV = k.shape[0]
     g = H // KV
     qf = q.view(n, KV, g, d).permute(1, 2, 0, 3).reshape(KV, g * n, d)  # head h = kv * g + j
-    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, NEG_INF)
-    mask = mask.repeat(g, 1)
     out, _ = attention_with_lse(qf[None], k[None], v[None], mask[None, None], scale)
     return out[0].view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
 
@@ -232,9 +240,11 @@ class KVCache:
         Each job's tokens attend causally to themselves after their context: for a segment
         job its earlier tokens; for a slot job its segment and its earlier private tokens.
         """
+        masks: dict[int, torch.Tensor] = {}  # per job: the same in every layer, built at the first
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(q)
-            for job in jobs:
+            for j, job in enumerate(jobs):
                 a, b = job.offset, job.offset + job.n
                 kbuf, vbuf = (self.seg_k, self.seg_v) if job.kind == "segment" else (self.slot_k, self.slot_v)
                 end = job.start + job.n
@@ -245,10 +255,9 @@ class KVCache:
                     n_seg = len(self.segments[job.segment].ids)
                     keys = torch.cat([self.seg_k[layer, job.segment, :, :n_seg], keys], dim=1)
                     values = torch.cat([self.seg_v[layer, job.segment, :, :n_seg], values], dim=1)
-                ctx = keys.shape[1]
-                # query i (absolute row ctx - n + i) sees keys 0 .. ctx - n + i
-                visible = torch.ones(job.n, ctx, dtype=torch.bool, device=q.device).tril(ctx - job.n)
-                out[a:b] = grouped_causal_attention(q[a:b], keys, values, visible, scale)
+                if j not in masks:
+                    masks[j] = grouped_causal_mask(job.n, keys.shape[1], q.shape[1] // k.shape[1], q.dtype, q.device)
+                out[a:b] = grouped_causal_attention(q[a:b], keys, values, masks[j], scale)
             return out
         return attend
 

@@ -100,8 +100,12 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // (G, padded length): weights after the softmax
-    __m512 qv[kMaxGroup][4], acc[kMaxGroup][4];
+    std::vector<float> scores;  // (G, padded length): unnormalised weights after the exp
+    __m512 acc[kMaxGroup][4];
+    float inv_total[kMaxGroup];
+#ifndef __AVX512BF16__
+    __m512 qv[kMaxGroup][4];
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / H, h = i % H, L = lp[n];
       uint16_t* oi = op + i * G * kHeadDim;
@@ -165,8 +169,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           sum = _mm512_add_ps(sum, e);
         }
         const float total = _mm512_reduce_add_ps(sum);
-        const __m512 inv = _mm512_set1_ps(1.f / total);
-        for (int64_t l = 0; l < Lp; l += 16) _mm512_storeu_ps(sg + l, _mm512_mul_ps(_mm512_loadu_ps(sg + l), inv));
+        inv_total[g] = 1.f / total;  // applied to the weighted sum at the end
         lsep[i * G + g] = mx + std::log(total);
         for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
       }
@@ -182,8 +185,10 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           acc[g][3] = _mm512_fmadd_ps(p, v3, acc[g][3]);
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int c = 0; c < 4; ++c) store_bf16(oi + g * kHeadDim + 16 * c, acc[g][c]);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 inv = _mm512_set1_ps(inv_total[g]);
+        for (int c = 0; c < 4; ++c) store_bf16(oi + g * kHeadDim + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+      }
     }
   });
   return {out, lse};
