@@ -25,6 +25,12 @@ def check_outputs(out, levels, samples):
         by_level.setdefault(r["level_seed"], []).append(r["success"])
     assert len(by_level) == levels
     assert metrics[f"pass@{samples}"] == pytest.approx(sum(any(v) for v in by_level.values()) / levels)
+    # per-level counts in level order (the transcripts' level seeds ascend with the level index)
+    ordered = [by_level[seed] for seed in dict.fromkeys(r["level_seed"] for r in rows)]
+    assert metrics["level_counts"] == [[len(v), sum(map(bool, v))] for v in ordered]
+    rates = [sum(map(bool, v)) / len(v) for v in ordered]
+    spread = sum((x - metrics["pass@1"]) ** 2 for x in rates) / (levels - 1) if levels > 1 else 0.0
+    assert metrics["pass_at_1_stderr"] == pytest.approx((spread / levels) ** 0.5)
     assert metrics["num_actions"] == pytest.approx(sum(r["num_actions"] for r in rows) / len(rows))
     assert metrics["response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / len(rows))
     cut = [sum(f == "length" for f in r["finish_reasons"]) / max(1, len(r["finish_reasons"])) for r in rows]

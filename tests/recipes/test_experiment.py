@@ -56,7 +56,7 @@ def test_experiment_matrix_runs_skips_and_reports(tmp_path):
                                              "config.yaml").read_text()
 
     text = (tmp_path / "results" / "RESULTS.md").read_text()
-    from spa_rl.recipes.experiment import mean_ci
+    from spa_rl.algorithms.stats import mean_ci
     p1 = [json.loads((tmp_path / "results" / "rl-only" / f"seed-{s}.json").read_text())["final"]["pass@1"]
           for s in (0, 1)]
     mean, half = mean_ci(p1)
@@ -75,14 +75,6 @@ def test_collect_cell_times_every_stage_that_ran(tmp_path):
         (tmp_path / stage / "STAGE_DONE").write_text(f"{seconds} seconds\n")
     (tmp_path / "sft").mkdir()  # an interrupted stage: no STAGE_DONE, no time
     assert collect_cell(tmp_path)["stages"] == {"warmup-generate": 1.5, "warmup-sft": 60.0, "generate": 2.0}
-
-
-def test_mean_ci_is_a_t_interval():
-    from spa_rl.recipes.experiment import mean_ci
-
-    assert mean_ci([0.5]) == (0.5, 0.0)
-    mean, half = mean_ci([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
 
 
 @pytest.mark.parametrize("text, needle", [("arms: {a: {preset: x.yaml, sett: []}}\nruns: r\nresults: s\n", "sett"),

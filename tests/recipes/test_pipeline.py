@@ -39,6 +39,7 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     assert [r["step"] for r in vals] == [0, 2]
     for r in vals:
         assert f"| {r['step']} | {r['val/pass@1']:.3f} |" in report
+    assert f"**Validation Pass@1 {vals[0]['val/pass@1']:.3f} ± " in report and "standard errors" in report
 
     res = spa("pipeline", "--env", "sokoban", "--preset", str(preset), "--out", str(out))
     assert res.stdout.count("complete, skipped") == 5
@@ -73,10 +74,35 @@ def test_every_shipped_preset_resolves(tmp_path, preset):
 
     data = load_preset(preset)
     configs = stage_configs(data, "sokoban", data.get("model", "default"), tmp_path, [])
-    assert "eval" in configs
-    if "train" in configs:  # the final evaluation plays what training played, on the trained model
+    assert "eval" in configs or preset == "demo"  # the demo's final measure is training's last validation
+    if "train" in configs and "eval" in configs:  # the final evaluation plays what training played
         assert configs["eval"].episode == configs["train"].episode
         assert configs["eval"].model.name == str(tmp_path / "train" / "final")
+
+
+def test_demo_ends_with_the_validation_change(tmp_path):
+    # the demo preset shrunk to the tiny model: the same stages, the verdict line at the end
+    preset = tmp_path / "tiny-demo.yaml"
+    preset.write_text("""
+base: demo
+model: tiny
+sampling: {max_new_tokens: 8}
+generate: {episodes: 4, val_fraction: 0.25}
+sft: {epochs: 1, batch: 4, micro_batch: 4, model: {dtype: fp32}}
+train: {steps: 1, groups: 2, group_size: 2, keep_ratio: 1.0, mini_batch: 0, model: {dtype: fp32}, save_every: 1,
+        eval: {levels: 2, samples: 2}}
+""")
+    res = spa("demo", "--preset", str(preset), "--out", str(tmp_path / "demo"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("generate", "sft", "train"):
+        assert (tmp_path / "demo" / stage / "STAGE_DONE").is_file()
+    import yaml
+    train = yaml.safe_load((tmp_path / "demo" / "train" / "config.yaml").read_text())
+    assert train["env"]["name"] == "frozenlake" and train["env"]["options"] == "{is_slippery: false}"
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("[demo] Validation Pass@1 ") and "at step 0 -> " in last and "at step 1:" in last
+    assert "the same 2 levels x 2 samples" in last
+    assert last.replace("[demo] ", "") in (tmp_path / "demo" / "report.md").read_text().replace("**", "")
 
 
 @pytest.mark.parametrize("preset", ["cpu-small", "paper"])

@@ -174,7 +174,7 @@ def test_ratio_uses_the_sampling_temperature(tmp_path):
     at the same temperature, so with the sampler's log-probs as the old ones the first ratio is 1."""
     rows = step_rows(run_train(tmp_path, "t", steps=1, eval_every=0, old_logprobs="rollout",
                                sampling={"max_new_tokens": 12, "temperature": 0.7}, **{"model.dtype": "fp32"}))
-    assert rows[0]["rollout/logprob_gap"] < 1e-4
+    assert "rollout/logprob_gap" not in rows[0]  # no recomputing forward pass, so no gap to log
     assert rows[0]["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -199,3 +199,35 @@ def test_an_episode_without_a_turn_adds_no_loss_and_no_crash():
     batch = train.build_batch(fits + overflows, torch.tensor([1.0, -0.1]), chat, cfg, tok.pad_token_id)
     assert batch.mask[1].sum() == 0 and batch.rewards[1].abs().sum() == 0
     assert batch.mask[0].sum() > 0 and batch.rewards[0].sum() == 1.0
+
+
+@pytest.mark.parametrize("algo, whiten, whitened", [("grpo", "auto", False), ("grpo", "yes", True),
+                                                    ("ppo", "auto", True), ("ppo", "no", False)])
+def test_grpo_advantages_are_not_whitened_by_default(algo, whiten, whitened):
+    """Group 0: a short success and a long failure; group 1: two equal failures (no signal).
+    Unwhitened GRPO gives group 1 zero advantages and each episode its group-normalised score on
+    every token; whitening would shift all of them by the token-weighted mean (the long failure
+    weighs more), so that group 1 would be pushed up although it carries no signal."""
+    mask = torch.zeros(4, 6)
+    mask[0, 1:3] = 1  # 2 tokens
+    mask[1, 1:6] = 1  # 5 tokens
+    mask[2, 1:4] = 1
+    mask[3, 1:4] = 1
+    rewards = torch.zeros(4, 6)
+    rewards[0, 2] = 1.0  # the score on the last covered token (what ppo's GAE reads)
+    batch = train.PPOBatch(input_ids=torch.zeros(4, 6, dtype=torch.long), attention_mask=torch.ones(4, 6),
+                           mask=mask, rewards=rewards, rollout_logprobs=torch.zeros(4, 6),
+                           scores=torch.tensor([1.0, 0.0, 0.0, 0.0]), group_ids=torch.tensor([0, 0, 1, 1]),
+                           old_values=torch.zeros(4, 6))
+    cfg = load_config(train.Config, {**SMALL, "algo": algo, "whiten": whiten, "out": "unused"})
+    train.add_advantages(batch, cfg)
+    adv = batch.advantages
+    assert (adv * (1 - mask)).abs().sum() == 0
+    covered = adv[mask.bool()]
+    assert abs(covered.mean().item()) < 1e-5 if whitened else covered.mean().item() != pytest.approx(0.0, abs=1e-3)
+    if algo == "grpo" and not whitened:
+        a = 1 / (2 ** 0.5 + 1e-6)  # (1 - 0.5) / std(1, 0) with the unbiased std
+        assert adv[0, 1:3].tolist() == pytest.approx([a, a]) and adv[1, 1:6].tolist() == pytest.approx([-a] * 5)
+        assert adv[2:].abs().sum() == 0
+    if algo == "grpo" and whitened:
+        assert adv[2, 1:4].abs().min() > 0.1  # the shift reaches the group without signal

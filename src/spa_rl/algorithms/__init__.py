@@ -5,6 +5,7 @@
 - losses: clipped/dual-clipped PPO policy loss, the actor's objective, clipped value loss, entropy,
   masked reductions with mini-batch denominators for gradient accumulation.
 - filters: keep the groups with the largest in-group reward std.
+- stats: standard errors of Pass@1 over levels, paired before/after differences, t-intervals.
 """
 
 from spa_rl.algorithms.advantages import gae, grpo_advantages, whiten

@@ -24,6 +24,8 @@ def print_summary(metrics: dict, title: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
+        if isinstance(v, list):  # per-level counts: in metrics.json, too long for the table
+            continue
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console(stderr=True).print(table)
 

@@ -34,21 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from spa_rl.algorithms.stats import mean_ci
 from spa_rl.errors import ConfigError
-
-# Student's t quantiles t(0.975, df) for df = 1..30 (beyond: the normal 1.96), for 95% intervals
-# of a mean over a few seeds.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
-
 
 @dataclass
 class Arm:
@@ -252,17 +245,6 @@ def reuse_stages(study: Study, arm: Arm, seed: int, run: Path) -> tuple[Path | N
 
 
 # ---- the summary -----------------------------------------------------------------------------
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over seeds (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
 
 
 def load_results(study: Study) -> dict[str, list[dict]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from spa_rl.artifacts import read_jsonl
@@ -113,6 +114,33 @@ def _with_error(row: dict) -> str:
     return f"{p:.3f} ({round(p * n)}/{n}) ± {(p * (1 - p) / n) ** 0.5:.3f}"
 
 
+def validation_change(first: dict, last: dict) -> str:
+    """One line: how validation Pass@1 moved between two validations of a run, against its noise.
+
+    With the per-level counts that validations record, the change is paired by level and its
+    standard error comes from the per-level differences (algorithms.stats); a change beyond two
+    standard errors is called significant. Older logs without the counts get the binomial error
+    of each side over episodes, and no verdict.
+    """
+    from spa_rl.algorithms.stats import paired_difference, pass_at_1_se
+
+    a, b = first.get("val/level_counts"), last.get("val/level_counts")
+    if not (a and b and len(a) == len(b)):
+        return (f"Validation Pass@1 {_with_error(first)} at step {first['step']} -> {_with_error(last)} at step "
+                f"{last['step']} ({last.get('val/episodes', '?')} episodes per validation; ± one binomial standard "
+                "error).")
+    (p0, se0), (p1, se1) = pass_at_1_se(a), pass_at_1_se(b)
+    diff, se = paired_difference(a, b)
+    z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+    verdict = ("a significant rise" if z > 2 else "a significant fall" if z < -2
+               else "not significant (within two standard errors)")
+    samples = sorted({n for n, _ in b})
+    return (f"**Validation Pass@1 {p0:.3f} ± {se0:.3f} at step {first['step']} -> {p1:.3f} ± {se1:.3f} at step "
+            f"{last['step']}: {diff:+.3f} ± {se:.3f}, {z:+.1f} standard errors, {verdict}** (the same {len(b)} levels "
+            f"x {'/'.join(map(str, samples))} samples at both steps; ± one standard error over levels, the change "
+            "paired by level).")
+
+
 def build_report(run_dirs: list[Path], out: Path) -> Path:
     runs = [collect(Path(r)) for r in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
@@ -145,11 +173,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         vals = [r for r in run["series"] if "val/pass@1" in r]
         if len(vals) >= 1:
             first, last = vals[0], vals[-1]
-            lines += [f"## Training: {run['name']}", "",
-                      f"Validation Pass@1 {_with_error(first)} at step {first['step']} -> "
-                      f"{_with_error(last)} at step {last['step']} "
-                      f"({last.get('val/episodes', '?')} episodes per validation; ± one binomial standard error).",
-                      ""]
+            lines += [f"## Training: {run['name']}", "", validation_change(first, last), ""]
             keys = ["val/pass@1"] + [k for k in passk if k != "val/pass@1"] + [
                 f"val/{k}" for k in ("format_ok_rate", "valid_action_rate", "truncated_turn_rate", "response_tokens")]
             keys = [k for k in keys if any(k in r for r in vals)]

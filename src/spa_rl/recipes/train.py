@@ -9,7 +9,7 @@
                world-model reward for the VAGEN-style baseline, `world_model_reward`);
   3. filter    keep the groups with the largest in-group score std (keep_ratio of them);
   4. old       old log-probs and values of the kept episodes, under the training forward;
-  5. advantage token-level GAE with the critic (ppo) or group-normalised scores (grpo), whitened;
+  5. advantage token-level GAE with the critic (ppo, then whitened) or group-normalised scores (grpo);
   6. update    mini-batch updates: critic (clipped value loss), actor (asymmetric + dual clip,
                entropy bonus, optional KL to the initial policy);
   7. validate  on the fixed validation levels (the `spa eval` config and loop), every eval_every;
@@ -29,8 +29,8 @@ Departures from the reference (SPEC 5, 8), each a flag:
   reproduces the reference, which also trains on environment text;
 - the update uses the exact sampled token ids; old log-probs are recomputed by the training
   forward (`old_logprobs=recompute`, as verl does), so the ratio is exactly 1 at the first
-  mini-batch; `old_logprobs=rollout` uses the sampler's log-probs instead, and the gap between
-  the two is logged as `rollout/logprob_gap`;
+  mini-batch, and the gap to the sampler's log-probs is logged as `rollout/logprob_gap`;
+  `old_logprobs=rollout` uses the sampler's log-probs instead (one forward pass fewer);
 - no reference model is loaded unless `kl_coef > 0`.
 """
 
@@ -67,6 +67,10 @@ class Config:
     keep_ratio: float = option(0.25, "share of groups kept by in-group score std")
     gamma: float = option(1.0, "GAE discount over response tokens")
     lam: float = option(1.0, "GAE lambda")
+    whiten: str = option("auto", "whiten the advantages over the step's trained tokens: auto (ppo yes, as the "
+                         "reference; grpo no, as GRPO: its scores are already group-normalised, and whitening "
+                         "would shift an all-equal group's zero advantages by the batch's token-weighted mean), "
+                         "yes, no", choices=("auto", "yes", "no"))
     clip_low: float = option(0.2, "PPO clip below 1")
     clip_high: float = option(0.28, "PPO clip above 1")
     dual_clip: float = option(3.0, "dual-clip bound for negative advantages (<= 1 disables)")
@@ -175,7 +179,7 @@ class PPOBatch:
     old_logprobs: torch.Tensor | None = None  # (B, T) float: log-probs the ratio divides by
     old_values: torch.Tensor | None = None    # (B, T) float: critic values before the update
     ref_logprobs: torch.Tensor | None = None  # (B, T) float: the initial policy's (kl_coef > 0)
-    advantages: torch.Tensor | None = None    # (B, T) float: whitened, 0 off the mask
+    advantages: torch.Tensor | None = None    # (B, T) float: 0 off the mask (whitened: see `whiten`)
     returns: torch.Tensor | None = None       # (B, T) float: value targets (algo ppo)
 
     def __len__(self) -> int:
@@ -337,11 +341,12 @@ def forward_no_grad(actor, critic, batch: PPOBatch, rt, micro: int, temperature:
 
     logprobs = torch.zeros_like(batch.rewards)
     values = torch.zeros_like(batch.rewards)
-    for s in rt.shard(range(0, len(batch), micro)):
+    for s in rt.shard(range(0, len(batch), micro) if actor is not None or critic is not None else []):
         sl = slice(s, s + micro)
         with rt.autocast():
-            logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl],
-                                          temperature=temperature)
+            if actor is not None:
+                logprobs[sl] = token_logprobs(actor, batch.input_ids[sl], batch.attention_mask[sl], batch.mask[sl],
+                                              temperature=temperature)
             if critic is not None:
                 values[sl] = critic(batch.input_ids[sl], batch.attention_mask[sl])
     # Each rank filled its own rows and left zeros elsewhere: the sum over ranks is every row, exactly.
@@ -350,19 +355,24 @@ def forward_no_grad(actor, critic, batch: PPOBatch, rt, micro: int, temperature:
     return logprobs, values * batch.mask
 
 
-def old_outputs(models: Models, batch: PPOBatch, cfg: Config, rt) -> float:
+def old_outputs(models: Models, batch: PPOBatch, cfg: Config, rt) -> float | None:
     """Fill old_logprobs, old_values (and ref_logprobs); return the mean |training - sampler|
-    log-prob gap on the covered tokens."""
-    logprobs, values = forward_no_grad(models.actor, models.critic, batch, rt, cfg.micro_batch,
+    log-prob gap on the covered tokens. With `old_logprobs=rollout` the actor's no-grad pass is
+    skipped (the sampler's log-probs are the old ones: one forward fewer per step), and so is the
+    gap (None)."""
+    recompute = cfg.old_logprobs == "recompute"
+    logprobs, values = forward_no_grad(models.actor if recompute else None, models.critic, batch, rt, cfg.micro_batch,
                                        scoring_temperature(cfg))
     mask = batch.mask
-    gap = ((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-    batch.old_logprobs = logprobs if cfg.old_logprobs == "recompute" else batch.rollout_logprobs * mask
+    gap = None
+    if recompute:
+        gap = (((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+    batch.old_logprobs = logprobs if recompute else batch.rollout_logprobs * mask
     batch.old_values = values
     if models.ref is not None:
         batch.ref_logprobs = forward_no_grad(models.ref, None, batch, rt, cfg.micro_batch,
                                              scoring_temperature(cfg))[0]
-    return gap.item()
+    return gap
 
 
 # ---- 5. advantages ---------------------------------------------------------------------------
@@ -374,7 +384,8 @@ def add_advantages(batch: PPOBatch, cfg: Config) -> None:
         advantages, batch.returns = gae(batch.rewards, batch.old_values, mask, cfg.gamma, cfg.lam)
     else:
         advantages = grpo_advantages(batch.scores, batch.group_ids)[:, None] * mask
-    batch.advantages = whiten(advantages, mask) if mask.sum() > 1 else advantages
+    whitened = cfg.whiten == "yes" or (cfg.whiten == "auto" and cfg.algo == "ppo")
+    batch.advantages = whiten(advantages, mask) if whitened and mask.sum() > 1 else advantages
 
 
 # ---- 6. update -------------------------------------------------------------------------------
@@ -572,7 +583,7 @@ def step_metrics(rollouts, scores, filter_stats, gap, trained_tokens, update_sta
         "rollout/truncated_turn_rate": (sum(t.finish_reason == "length" for r in rollouts for t in r.turns)
                                         / max(1, sum(len(r.turns) for r in rollouts))),
         "rollout/generated_tokens_per_s": n_tokens / timing["time/rollout_s"],
-        "rollout/logprob_gap": gap,
+        **({"rollout/logprob_gap": gap} if gap is not None else {}),
         "rollout/trained_tokens": trained_tokens,
         **{f"rollout/{k}": v for k, v in filter_stats.items()},
         **update_stats, **timing,

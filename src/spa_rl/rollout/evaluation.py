@@ -34,6 +34,7 @@ def summarize(rollouts) -> dict:
     """Run-level metrics from finished rollouts (every level with the same number of samples)."""
     from spa_rl.agent import aggregate_metrics, episode_metrics
     from spa_rl.algorithms import pass_at_k_table
+    from spa_rl.algorithms.stats import pass_at_1_se
 
     per_episode = []
     for r in rollouts:
@@ -49,10 +50,15 @@ def summarize(rollouts) -> dict:
     counts: dict[int, list[int]] = {}
     for r in rollouts:
         counts.setdefault(r.group, []).append(int(bool(r.episode.success)))
-    for k, v in pass_at_k_table([(len(v), sum(v)) for v in counts.values()]).items():
+    level_counts = [(len(counts[g]), sum(counts[g])) for g in sorted(counts)]
+    for k, v in pass_at_k_table(level_counts).items():
         metrics[f"pass@{k}"] = v
+    metrics["pass_at_1_stderr"] = pass_at_1_se(level_counts)[1]  # over levels (algorithms.stats)
     metrics["episodes"] = len(rollouts)
     metrics["levels"] = len(counts)
+    # (samples, successes) per level in level order, so that two validations of the same levels
+    # compare level by level (algorithms.stats.paired_difference)
+    metrics["level_counts"] = [list(c) for c in level_counts]
     return metrics
 
 
