@@ -40,14 +40,16 @@ def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new
     from spa_rl.config import load_config
     from spa_rl.recipes import train
 
-    out = Path(tempfile.mkdtemp(prefix="spa-ppo-bench-"))
-    cfg = load_config(train.Config, dict(
-        env=args.env, model=args.model, steps=steps or args.steps, groups=groups, group_size=args.group_size,
-        sampling={"max_new_tokens": max_new_tokens or args.max_new_tokens, "backend": backend},
-        episode={"max_turns": max_turns or args.max_turns},
-        eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out)))
-    train.main(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # the run's final checkpoint (~3 GB with the optimizer state) goes with the folder
+    with tempfile.TemporaryDirectory(prefix="spa-ppo-bench-") as tmp:
+        out = Path(tmp)
+        cfg = load_config(train.Config, dict(
+            env=args.env, model=args.model, steps=steps or args.steps, groups=groups, group_size=args.group_size,
+            sampling={"max_new_tokens": max_new_tokens or args.max_new_tokens, "backend": backend},
+            episode={"max_turns": max_turns or args.max_turns},
+            eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out)))
+        train.main(cfg)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "time/step_s" in r]
 
 
