@@ -1,7 +1,7 @@
 """spa demo: RL that measurably learns on the embedded default model, what `make demo` runs.
 
 The `demo` preset (spa_rl/configs/demo.yaml, which says why each choice) on FrozenLake 4x4
-without slipping: solver episodes, a short SFT on them, then GRPO validated on the same 64 levels
+without slipping: solver episodes, a short SFT on them, then GRPO validated on the same 128 levels
 at the start and the end. About 15 minutes on 2 CPU cores. Same as
 `spa pipeline --env frozenlake --preset demo --out DIR`, and then one line: validation Pass@1
 before and after RL, the change paired by level and whether it exceeds two standard errors.
