@@ -201,8 +201,8 @@ def test_an_episode_without_a_turn_adds_no_loss_and_no_crash():
     assert batch.mask[0].sum() > 0 and batch.rewards[0].sum() == 1.0
 
 
-@pytest.mark.parametrize("algo, whiten, whitened", [("grpo", "auto", False), ("grpo", "yes", True),
-                                                    ("ppo", "auto", True), ("ppo", "no", False)])
+@pytest.mark.parametrize("algo, whiten, whitened", [("grpo", "auto", False), ("grpo", "always", True),
+                                                    ("ppo", "auto", True), ("ppo", "never", False)])
 def test_grpo_advantages_are_not_whitened_by_default(algo, whiten, whitened):
     """Group 0: a short success and a long failure; group 1: two equal failures (no signal).
     Unwhitened GRPO gives group 1 zero advantages and each episode its group-normalised score on

@@ -70,7 +70,7 @@ class Config:
     whiten: str = option("auto", "whiten the advantages over the step's trained tokens: auto (ppo yes, as the "
                          "reference; grpo no, as GRPO: its scores are already group-normalised, and whitening "
                          "would shift an all-equal group's zero advantages by the batch's token-weighted mean), "
-                         "yes, no", choices=("auto", "yes", "no"))
+                         "always, never", choices=("auto", "always", "never"))
     clip_low: float = option(0.2, "PPO clip below 1")
     clip_high: float = option(0.28, "PPO clip above 1")
     dual_clip: float = option(3.0, "dual-clip bound for negative advantages (<= 1 disables)")
@@ -384,7 +384,7 @@ def add_advantages(batch: PPOBatch, cfg: Config) -> None:
         advantages, batch.returns = gae(batch.rewards, batch.old_values, mask, cfg.gamma, cfg.lam)
     else:
         advantages = grpo_advantages(batch.scores, batch.group_ids)[:, None] * mask
-    whitened = cfg.whiten == "yes" or (cfg.whiten == "auto" and cfg.algo == "ppo")
+    whitened = cfg.whiten == "always" or (cfg.whiten == "auto" and cfg.algo == "ppo")
     batch.advantages = whiten(advantages, mask) if whitened and mask.sum() > 1 else advantages
 
 
