@@ -23,28 +23,22 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042)
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for a single value)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_ci needs at least one value")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
-
-
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error, sample standard deviation / sqrt(n) (0 for a single value)."""
     n = len(values)
     if n == 0:
-        raise ValueError("mean_se needs at least one value")
+        raise ValueError("needs at least one value")
     mean = sum(values) / n
     if n < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (0 for a single value)."""
+    mean, se = mean_se(values)
+    df = len(values) - 1
+    return mean, (T975[df - 1] if df <= len(T975) else 1.96) * se if df else 0.0
 
 
 def level_rates(counts: Sequence[tuple[int, int]]) -> list[float]:
