@@ -36,9 +36,10 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (0 for a single value)."""
-    mean, se = mean_se(values)
+    mean, se = mean_se(values)  # se is 0 for a single value
     df = len(values) - 1
-    return mean, (T975[df - 1] if df <= len(T975) else 1.96) * se if df else 0.0
+    t = T975[df - 1] if 1 <= df <= len(T975) else 1.96
+    return mean, t * se
 
 
 def level_rates(counts: Sequence[tuple[int, int]]) -> list[float]:
