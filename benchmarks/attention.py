@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from spa_rl.rollout import kernels  # noqa: E402
 from spa_rl.rollout.kvcache import attention_with_lse  # noqa: E402
 
-SHAPES = [(16, 3, 3, 264), (16, 3, 3, 840), (64, 3, 3, 1024), (1, 3, 12, 576)]
+SHAPES = [(16, 3, 3, 264), (16, 3, 3, 840), (64, 3, 3, 1024), (1, 3, 12, 576), (2, 3, 24, 663), (1, 3, 48, 524)]
 
 
 def per_call_us(fn, calls: int = 100) -> float:

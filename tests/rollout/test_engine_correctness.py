@@ -145,8 +145,8 @@ def test_bf16_engine_logprobs_equal_the_bf16_forward(tiny, heads, monkeypatch):
             bf16.model.norm.weight.mul_(3.0)
     bf16 = bf16.to(torch.bfloat16)
     used = []
-    real = kvcache.decode_attention_for
-    monkeypatch.setattr(kvcache, "decode_attention_for", lambda q, g: used.append(real(q, g)) or used[-1])
+    real = kvcache.decode_kernel_for
+    monkeypatch.setattr(kvcache, "decode_kernel_for", lambda *a: used.append(real(*a)) or used[-1])
     # two identical prompts (a shared group segment) and two other levels
     prompts = level_prompts(tok)[:3] + level_prompts(tok)[:1]
     backend = HFBackend(bf16, tok, max_batch_size=4, seed=2)

@@ -1,6 +1,7 @@
 """The AVX-512 decode-attention kernel (rollout/kernels.py) computes what PyTorch's flash kernel
 computes, on the shapes the engine gives it: strided views of the cache buffers, rows of
-different lengths, a row with no keys, and up to 16 queries per KV head.
+different lengths, a row with no keys, and any number of queries per KV head (more than 16
+are split into chunks, each its own work item).
 
 Tolerance: both compute fp32 scores of bf16 inputs (the kernel by bf16 dot products, exact
 products summed in fp32, where the CPU has AVX512_BF16; by fp32 FMAs otherwise, a variant built
@@ -32,13 +33,19 @@ def decode_attention():
     return module.decode_attention
 
 
+@pytest.fixture(scope="module")
+def decode_attention_with_prefix():
+    return kernels.load_decode_attention().decode_attention_with_prefix
+
+
 def reference(q, k, v, lens, scale):
     L = k.shape[2]
     mask = torch.where(torch.arange(L)[None] < lens[:, None], 0.0, float("-inf"))[:, None, None, :]
     return attention_with_lse(q, k, v, mask, scale)
 
 
-@pytest.mark.parametrize("rows,heads,group,keys", [(16, 3, 3, 264), (5, 2, 1, 37), (2, 3, 16, 600), (1, 1, 7, 1)])
+@pytest.mark.parametrize("rows,heads,group,keys", [(16, 3, 3, 264), (5, 2, 1, 37), (2, 3, 16, 600), (1, 1, 7, 1), (2, 3, 24, 663),
+                                                       (1, 3, 17, 100), (1, 2, 48, 524)])
 def test_kernel_equals_the_flash_kernel(decode_attention, rows, heads, group, keys):
     g = torch.Generator().manual_seed(rows * 1000 + keys)
     scale = 64 ** -0.5
@@ -55,6 +62,33 @@ def test_kernel_equals_the_flash_kernel(decode_attention, rows, heads, group, ke
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert (out.float() - ref_out.float()).abs().max().item() <= 2 ** -6
     assert (lse - ref_lse).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("group", [3, 24])
+def test_prefix_and_private_keys_under_one_softmax(decode_attention_with_prefix, group):
+    """Rows that read a shared segment (two segments, one row with none, one with no private
+    keys, one whose segment is empty) get the attention over segment keys + private keys."""
+    g = torch.Generator().manual_seed(group)
+    rows, heads, scale = 6, 3, 64 ** -0.5
+    q = torch.randn(rows, heads, group, 64, generator=g).to(torch.bfloat16)
+    k = (2 * torch.randn(rows, heads, 96, 64, generator=g)).to(torch.bfloat16)
+    v = torch.randn(rows, heads, 96, 64, generator=g).to(torch.bfloat16)
+    seg_k = (2 * torch.randn(4, heads, 80, 64, generator=g)).to(torch.bfloat16)
+    seg_v = torch.randn(4, heads, 80, 64, generator=g).to(torch.bfloat16)
+    lens = torch.tensor([37, 0, 80, 1, 16, 5])
+    seg = torch.tensor([0, 1, -1, 1, 0, 2])
+    seg_lens = torch.tensor([33, 64, 0])  # segment 2 is empty; buffer entry 3 is unused
+    out, lse = decode_attention_with_prefix(q, k, v, lens, seg_k, seg_v, seg, seg_lens, scale)
+    for n in range(rows):
+        keys, values = k[n, :, :lens[n]], v[n, :, :lens[n]]
+        if seg[n] >= 0:
+            m = seg_lens[seg[n]]
+            keys, values = torch.cat([seg_k[seg[n], :, :m], keys], 1), torch.cat([seg_v[seg[n], :, :m], values], 1)
+        ref_out, ref_lse = attention_with_lse(q[n:n + 1], keys[None], values[None], None, scale)
+        assert (out[n].float() - ref_out[0].float()).abs().max().item() <= 2 ** -6
+        assert (lse[n] - ref_lse[0]).abs().max().item() < 1e-4
+    with pytest.raises(RuntimeError, match="segment index out of range"):
+        decode_attention_with_prefix(q, k, v, lens, seg_k, seg_v, torch.tensor([0, 1, -1, 1, 0, 3]), seg_lens, scale)
 
 
 def test_a_row_without_keys_gets_zeros(decode_attention):
@@ -75,11 +109,11 @@ def test_bad_input_is_refused_with_a_message(decode_attention):
 
 
 def test_the_engine_uses_the_kernel_only_where_it_applies():
-    bf16 = torch.empty(4, 3, 64, dtype=torch.bfloat16)
-    assert kernels.decode_attention_for(bf16, 3) is not None
-    assert kernels.decode_attention_for(bf16, 17) is None  # more queries per KV head than it holds
-    assert kernels.decode_attention_for(bf16.float(), 3) is None
-    assert kernels.decode_attention_for(torch.empty(4, 3, 32, dtype=torch.bfloat16), 3) is None
+    cpu = torch.device("cpu")
+    assert kernels.decode_kernel_for(torch.bfloat16, 64, cpu) is not None
+    assert kernels.decode_kernel_for(torch.float32, 64, cpu) is None
+    assert kernels.decode_kernel_for(torch.bfloat16, 32, cpu) is None
+    assert kernels.decode_kernel_for(torch.bfloat16, 64, torch.device("meta")) is None
 
 
 def test_a_built_kernel_is_imported_from_the_cache(decode_attention):
@@ -108,7 +142,7 @@ from spa_rl.rollout.kvcache import attention_with_lse
 assert "-mavx512bf16" not in kernels._cflags()
 module = kernels.load_decode_attention()
 g = torch.Generator().manual_seed(5)
-q = torch.randn(6, 3, 3, 64, generator=g).bfloat16()
+q = torch.randn(6, 3, 7, 64, generator=g).bfloat16()  # 7 queries: score blocks of 4 and 3
 k = torch.randn(6, 3, 300, 64, generator=g).bfloat16()
 v = torch.randn(6, 3, 300, 64, generator=g).bfloat16()
 lens = torch.tensor([300, 1, 17, 250, 299, 64])

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 HEAD_DIM = 64
-MAX_GROUP = 16  # queries per KV head the kernel handles at once
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 _NAME = "spa_rl_decode_attention"
 
@@ -111,10 +110,9 @@ def _build_or_import():
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def decode_attention_for(q: torch.Tensor, group: int):
-    """The kernel's entry point when it applies to queries like `q` with `group` queries per KV
-    head (CPU, bf16, head size 64), else None."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.shape[-1] != HEAD_DIM or group > MAX_GROUP:
+def decode_kernel_for(dtype: torch.dtype, head_dim: int, device: torch.device):
+    """The built extension (`decode_attention`, `decode_attention_with_prefix`) when it applies
+    to attention in `dtype` with heads of `head_dim` on `device` (CPU, bf16, 64), else None."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or head_dim != HEAD_DIM:
         return None
-    module = load_decode_attention()
-    return module.decode_attention if module else None
+    return load_decode_attention()

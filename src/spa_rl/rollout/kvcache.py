@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spa_rl.rollout.kernels import decode_attention_for
+from spa_rl.rollout.kernels import decode_kernel_for
 
 GROW_ROUND = 128  # capacities are rounded up to this many tokens
 NEG_INF = float("-inf")
@@ -97,21 +97,22 @@ class Segment:
 
 @dataclass
 class DecodePlan:
-    """Index tensors for one decode step over slots 0..B-1 (rebuilt when lengths or membership
-    change; lengths change every step)."""
+    """Index tensors for one decode step over slots 0..B-1 (rebuilt every step: lengths change).
+    The `seg_*` grid fields serve the flash path only (None when the kernel runs)."""
 
     write_rows: torch.Tensor  # (B * kv_heads,) row of each new key in a layer's slot buffer viewed as (-1, d)
     slot_len: int  # private keys to read (max over rows, after the write), rounded up
-    slot_mask: torch.Tensor  # (B, 1, 1, slot_len) additive
+    slot_mask: torch.Tensor | None  # (B, 1, 1, slot_len) additive
     slot_keys: torch.Tensor  # (B,) int64: private keys each row reads (after the write)
     n_seg: int
     seg_len: int
-    seg_mask: torch.Tensor | None  # (S, 1, 1, seg_len)
     seg_keys: torch.Tensor | None  # (S,) int64: tokens of each segment
-    seg_rows: torch.Tensor | None  # (S * R,) row feeding each (segment, rank) place; B = padding
-    seg_back: torch.Tensor | None  # (B,) place of each row in the (S * R) grid
-    group: int  # R: most rows sharing one segment
-    has_seg: torch.Tensor | None  # (B, 1, 1) bool
+    row_seg: torch.Tensor | None  # (B,) int64: each row's segment, -1 for none
+    seg_mask: torch.Tensor | None = None  # (S, 1, 1, seg_len)
+    seg_rows: torch.Tensor | None = None  # (S * R,) row feeding each (segment, rank) place; B = padding
+    seg_back: torch.Tensor | None = None  # (B,) place of each row in the (S * R) grid
+    group: int = 0  # R: most rows sharing one segment
+    has_seg: torch.Tensor | None = None  # (B, 1, 1) bool
 
 
 @dataclass
@@ -262,45 +263,63 @@ class KVCache:
         return attend
 
     # -- decode ----------------------------------------------------------------------------
+    def decode_kernel(self):
+        """The AVX-512 decode-attention extension when it serves this cache, else None."""
+        return decode_kernel_for(self.dtype, self.head_dim, self.device)
+
     def decode_plan(self, n_heads: int) -> DecodePlan:
         """Index tensors for a decode step in which every slot in use appends one token."""
         B, dev = self.n_slots, self.device
+        kernel = self.decode_kernel()
         lens = torch.tensor(self.slot_len, device=dev)
         read = _round_up(max(self.slot_len) + 1, 64)  # rounded: fewer distinct shapes
         self.reserve_slots(B, read)
-        slot_mask = torch.where(torch.arange(read, device=dev)[None] <= lens[:, None], 0.0, NEG_INF)
         # new key of (row b, head h) goes to flat row ((b * KV) + h) * capacity + len_b
         cap, KV = self.slot_k.shape[3], self.n_kv_heads
         heads = torch.arange(KV, device=dev)
         write_rows = ((torch.arange(B, device=dev)[:, None] * KV + heads) * cap + lens[:, None]).reshape(-1)
-        plan = DecodePlan(write_rows=write_rows, slot_len=read, slot_mask=slot_mask[:, None, None, :],
-                          slot_keys=lens + 1, n_seg=len(self.segments), seg_len=0, seg_mask=None,
-                          seg_keys=None, seg_rows=None, seg_back=None, group=0, has_seg=None)
+        plan = DecodePlan(write_rows=write_rows, slot_len=read, slot_mask=None, slot_keys=lens + 1,
+                          n_seg=len(self.segments), seg_len=0, seg_keys=None, row_seg=None)
         if self.segments:
-            members: list[list[int]] = [[] for _ in self.segments]
-            for row, seg in enumerate(self.slot_seg):
-                if seg is not None:
-                    members[seg].append(row)
-            R = max(len(m) for m in members)
-            places, back = [], [0] * B
-            for s, m in enumerate(members):
-                for r, row in enumerate(m):
-                    back[row] = s * R + r
-                places.extend(m + [B] * (R - len(m)))
-            seg_lens = torch.tensor([len(s.ids) for s in self.segments], device=dev)
-            plan.seg_len = int(seg_lens.max())
-            plan.seg_keys = seg_lens
-            plan.seg_mask = torch.where(torch.arange(plan.seg_len, device=dev)[None] < seg_lens[:, None],
-                                        0.0, NEG_INF)[:, None, None, :]
-            plan.seg_rows = torch.tensor(places, device=dev)
-            plan.seg_back = torch.tensor(back, device=dev)
-            plan.group = R
-            plan.has_seg = torch.tensor([s is not None for s in self.slot_seg], device=dev)[:, None, None]
+            seg_lens = [len(s.ids) for s in self.segments]
+            plan.seg_len = max(seg_lens)
+            plan.seg_keys = torch.tensor(seg_lens, device=dev)
+            plan.row_seg = torch.tensor([-1 if s is None else s for s in self.slot_seg], device=dev)
+        if kernel is None:
+            self._flash_plan(plan)
         return plan
+
+    def _flash_plan(self, plan: DecodePlan) -> None:
+        """Masks and the (segment, rank) grid of the flash path: the rows sharing a segment
+        become one query block against its keys."""
+        B, dev = self.n_slots, self.device
+        lens = plan.slot_keys - 1
+        plan.slot_mask = torch.where(torch.arange(plan.slot_len, device=dev)[None] <= lens[:, None], 0.0,
+                                     NEG_INF)[:, None, None, :]
+        if not self.segments:
+            return
+        members: list[list[int]] = [[] for _ in self.segments]
+        for row, seg in enumerate(self.slot_seg):
+            if seg is not None:
+                members[seg].append(row)
+        R = max(len(m) for m in members)
+        places, back = [], [0] * B
+        for s, m in enumerate(members):
+            for r, row in enumerate(m):
+                back[row] = s * R + r
+            places.extend(m + [B] * (R - len(m)))
+        plan.seg_mask = torch.where(torch.arange(plan.seg_len, device=dev)[None] < plan.seg_keys[:, None],
+                                    0.0, NEG_INF)[:, None, None, :]
+        plan.seg_rows = torch.tensor(places, device=dev)
+        plan.seg_back = torch.tensor(back, device=dev)
+        plan.group = R
+        plan.has_seg = (plan.row_seg >= 0)[:, None, None]
 
     def decode_attend(self, plan: DecodePlan, scale: float):
         """`attend` for one token per slot: writes its K/V at the slot's next position, then
         attends over the slot's segment and its private tokens."""
+        kernel = self.decode_kernel()
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             B, H, d = q.shape
             KV = k.shape[1]
@@ -310,24 +329,25 @@ class KVCache:
             self.slot_v[layer].view(-1, d).index_copy_(0, plan.write_rows, v.reshape(B * KV, d))
             # GQA: the g query heads of one KV head act as g queries of that head
             qg = q.view(B, KV, g, d)
-            kernel = decode_attention_for(q, g)  # kernels.py; None: PyTorch's flash kernel
-            if kernel is not None:
-                out, lse = kernel(qg.contiguous(), self.slot_k[layer, :B], self.slot_v[layer, :B],
-                                  plan.slot_keys, scale)
-            else:
-                out, lse = attention_with_lse(qg, self.slot_k[layer, :B, :, :plan.slot_len],
-                                              self.slot_v[layer, :B, :, :plan.slot_len], plan.slot_mask, scale)
+            if kernel is not None:  # one call: segment and private keys under one softmax
+                if plan.n_seg:
+                    out, _ = kernel.decode_attention_with_prefix(
+                        qg.contiguous(), self.slot_k[layer, :B], self.slot_v[layer, :B], plan.slot_keys,
+                        self.seg_k[layer], self.seg_v[layer], plan.row_seg, plan.seg_keys, scale)
+                else:
+                    out, _ = kernel.decode_attention(qg.contiguous(), self.slot_k[layer, :B], self.slot_v[layer, :B],
+                                                     plan.slot_keys, scale)
+                return out.reshape(B, H, d)
+            out, lse = attention_with_lse(qg, self.slot_k[layer, :B, :, :plan.slot_len],
+                                          self.slot_v[layer, :B, :, :plan.slot_len], plan.slot_mask, scale)
             if plan.n_seg:
+                # rows sharing a segment become one query block: (S, KV, R * g, d), attended
+                # separately and merged with the private part by their log-sum-exps
                 S, R = plan.n_seg, plan.group
-                # rows sharing a segment become one query block: (S, KV, R * g, d)
                 padded = torch.cat([qg, qg.new_zeros(1, KV, g, d)])[plan.seg_rows]
                 qs = padded.view(S, R, KV, g, d).transpose(1, 2).reshape(S, KV, R * g, d)
-                kernel = decode_attention_for(qs, R * g)  # one query block per segment
-                if kernel is not None:
-                    out_s, lse_s = kernel(qs, self.seg_k[layer, :S], self.seg_v[layer, :S], plan.seg_keys, scale)
-                else:
-                    out_s, lse_s = attention_with_lse(qs, self.seg_k[layer, :S, :, :plan.seg_len],
-                                                      self.seg_v[layer, :S, :, :plan.seg_len], plan.seg_mask, scale)
+                out_s, lse_s = attention_with_lse(qs, self.seg_k[layer, :S, :, :plan.seg_len],
+                                                  self.seg_v[layer, :S, :, :plan.seg_len], plan.seg_mask, scale)
                 out_s = out_s.view(S, KV, R, g, d).transpose(1, 2).reshape(S * R, KV, g, d)[plan.seg_back]
                 lse_s = lse_s.view(S, KV, R, g).transpose(1, 2).reshape(S * R, KV, g)[plan.seg_back]
                 lse_s = lse_s.masked_fill(~plan.has_seg, NEG_INF)
