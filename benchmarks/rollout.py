@@ -19,9 +19,11 @@ world-model prompts, up to `turns` turns of up to `max-new-tokens` tokens, playe
   group, continuous batching).
 
 Tokens counted are generated tokens up to and including each row's stop. Both modes print the
-decode roofline of this machine: the bytes one engine decode step reads (bf16 weights plus the
-K/V the step attends over, each shared prefix once) over the memory bandwidth measured in this
-run, beside the engine's measured time per decode step; and the load average (the machine is
+decode roofline of this machine beside the engine's measured time per decode step: the larger of
+the bytes one decode step reads (bf16 weights plus the K/V the step attends over, each shared
+prefix once) over the memory bandwidth measured in this run, and its arithmetic over the bf16
+matrix-product rate measured in this run (at 16 rows a SmolLM2 step is about as much arithmetic
+as reading: both bounds matter); and the load average (the machine is
 shared: figures taken under load are worse).
 """
 
@@ -58,18 +60,43 @@ def decoder_weight_bytes(decoder) -> int:
     return n * torch.finfo(decoder.dtype).bits // 8
 
 
-def roofline(backend, bandwidth: float) -> str:
-    """The engine's decode steps against weights + K/V bytes per step over `bandwidth`."""
+def matmul_peak_gflops(dtype: torch.dtype) -> float:
+    """Best of 5 products at a SmolLM2 MLP shape with many rows ((2048, 576) x (576, 3072)):
+    the arithmetic rate this processor sustains in the engine's compute dtype."""
+    x = torch.randn(2048, 576).to(dtype)
+    w = torch.randn(3072, 576).to(dtype)
+    torch.nn.functional.linear(x, w)
+    best = min(_timed(lambda: torch.nn.functional.linear(x, w)) for _ in range(5))
+    return 2 * 2048 * 576 * 3072 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def roofline(backend, bandwidth: float, peak_gflops: float) -> str:
+    """The engine's decode steps against the two bounds of this machine: the bytes a step reads
+    (weights + K/V) over `bandwidth`, and its arithmetic (2 flops per weight per row, plus the
+    attention's 4 * head_dim per query head per key) at `peak_gflops`."""
     st, dec = backend.last_stats, backend.decoder()
     steps = max(st["decode_steps"], 1)
     kv_token_bytes = 2 * dec.n_layers * dec.n_kv_heads * dec.head_dim * torch.finfo(dec.dtype).bits // 8
     w = decoder_weight_bytes(dec)
     kv = st["kv_tokens_read"] / steps * kv_token_bytes
     rows = st["decode_rows"] / steps
-    bound_ms = (w + kv) / (bandwidth * 1e9) * 1e3
+    memory_ms = (w + kv) / (bandwidth * 1e9) * 1e3
+    weights = w // (torch.finfo(dec.dtype).bits // 8)
+    # keys each row attends over: every row reads its whole context (shared prefixes included)
+    keys_per_row = st["kv_tokens_attended"] / max(st["decode_rows"], 1)
+    flops = rows * (2 * weights + 4 * dec.head_dim * dec.n_heads * dec.n_layers * keys_per_row)
+    compute_ms = flops / (peak_gflops * 1e9) * 1e3
+    bound_ms = max(memory_ms, compute_ms)
     measured_ms = st["decode_s"] / steps * 1e3
     return (f"decode roofline: {w / 1e6:.0f} MB weights + {kv / 1e6:.0f} MB K/V per step at {bandwidth:.1f} GB/s "
-            f"= {bound_ms:.1f} ms per step ({rows / bound_ms * 1e3:.0f} tokens/s at {rows:.1f} rows); "
+            f"= {memory_ms:.1f} ms; {flops / 1e9:.1f} GFLOP per step at {peak_gflops:.0f} GFLOP/s = {compute_ms:.1f} ms; "
+            f"bound {bound_ms:.1f} ms per step ({rows / bound_ms * 1e3:.0f} tokens/s at {rows:.1f} rows); "
             f"measured {measured_ms:.1f} ms per step ({rows / measured_ms * 1e3:.0f} tokens/s), "
             f"{measured_ms / bound_ms:.1f}x the bound; prefill {st['prefill_tokens']} tokens in {st['prefill_s']:.1f} s")
 
@@ -114,7 +141,7 @@ class GenerateBaseline:
         return Generation(row, [0.0] * len(row), "length")
 
 
-def single_turn(args, model32, model_fast, tok, chat, bandwidth):
+def single_turn(args, model32, model_fast, tok, chat, bandwidth, peak):
     from spa_rl.agent import EpisodeConfig
     from spa_rl.models import resolve_dtype
     from spa_rl.rollout.backend import HFBackend, SamplingParams
@@ -143,12 +170,12 @@ def single_turn(args, model32, model_fast, tok, chat, bandwidth):
     base_tps, eng_tps = base_tokens / base_s, eng_tokens / eng_s
     print(f"baseline model.generate fp32: {base_tokens} tokens in {base_s:.1f} s = {base_tps:.1f} tokens/s")
     print(f"engine HFBackend {backend.compute_dtype()}: {eng_tokens} tokens in {eng_s:.1f} s = {eng_tps:.1f} tokens/s")
-    print(roofline(backend, bandwidth))
+    print(roofline(backend, bandwidth, peak))
     print(load_average())
     print(f"ratio engine/baseline: {eng_tps / base_tps:.2f}x")
 
 
-def multi_turn(args, model32, model_fast, tok, chat, bandwidth):
+def multi_turn(args, model32, model_fast, tok, chat, bandwidth, peak):
     from spa_rl.agent import EpisodeConfig
     from spa_rl.models import resolve_dtype
     from spa_rl.rollout.backend import HFBackend, SamplingParams
@@ -182,7 +209,7 @@ def multi_turn(args, model32, model_fast, tok, chat, bandwidth):
           f"{b_ctx}) in {b_s:.1f} s = {b_tps:.1f} tokens/s")
     print(f"engine HFBackend {backend.compute_dtype()}: {e_tokens} tokens ({e_turns} turns, longest context {e_ctx}) "
           f"in {e_s:.1f} s = {e_tps:.1f} tokens/s")
-    print(roofline(backend, bandwidth))
+    print(roofline(backend, bandwidth, peak))
     print(load_average())
     print(f"multi-turn ratio engine/baseline: {e_tps / b_tps:.2f}x")
 
@@ -214,12 +241,14 @@ def main() -> None:
     model_fast = model32
     chat = ChatTokenizer(tok)
     bandwidth = memory_bandwidth_gbs()
-    print(f"memory read bandwidth: {bandwidth:.1f} GB/s; engine dtype {resolve_dtype(args.dtype)}")
+    peak = matmul_peak_gflops(resolve_dtype(args.dtype))
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s; {resolve_dtype(args.dtype)} matmul peak: {peak:.0f} GFLOP/s; "
+          f"engine dtype {resolve_dtype(args.dtype)}")
     if args.multi_turn:
-        multi_turn(args, model32, model_fast, tok, chat, bandwidth)
+        multi_turn(args, model32, model_fast, tok, chat, bandwidth, peak)
     else:
         args.batch = args.batch or 16
-        single_turn(args, model32, model_fast, tok, chat, bandwidth)
+        single_turn(args, model32, model_fast, tok, chat, bandwidth, peak)
 
 
 if __name__ == "__main__":

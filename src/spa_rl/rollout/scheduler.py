@@ -108,7 +108,8 @@ class ContinuousBatcher:
         self.eos = set(eos_token_ids)
         self.piece = piece  # token id -> its text, for stop strings
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0,
-                      "segments": 0, "segment_tokens": 0, "kv_tokens_read": 0}
+                      "segments": 0, "segment_tokens": 0, "kv_tokens_read": 0,
+                      "kv_tokens_attended": 0}
 
     # -- driver ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -232,8 +233,12 @@ class ContinuousBatcher:
         t0 = time.perf_counter()
         cache, d = self.cache, self.decoder
         plan = cache.decode_plan(d.n_heads)
-        # K/V positions the step's attention reads (each shared segment once)
-        self.stats["kv_tokens_read"] += plan.slot_len * cache.n_slots + plan.seg_len * plan.n_seg
+        # K/V positions the step's attention reads from memory (each shared segment once), and
+        # the keys its rows attend over (each row its whole context)
+        private = sum(cache.slot_len) + cache.n_slots
+        shared = [cache.segment_len(i) for i in range(cache.n_slots)]
+        self.stats["kv_tokens_read"] += private + sum(len(seg.ids) for seg in cache.segments)
+        self.stats["kv_tokens_attended"] += private + sum(shared)
         ids = [s.next_token for s in self.seqs]
         pos = [cache.segment_len(i) + cache.slot_len[i] for i in range(len(self.seqs))]
         hidden = d.forward(torch.tensor(ids, device=d.device), torch.tensor(pos, device=d.device),
