@@ -5,8 +5,9 @@ are split into chunks, each its own work item).
 
 Tolerance: both compute fp32 scores of bf16 inputs (the kernel by bf16 dot products, exact
 products summed in fp32, where the CPU has AVX512_BF16; by fp32 FMAs otherwise, a variant built
-and checked in a subprocess below) and round the output to bf16 once, summing in different
-orders; outputs agree to 2^-6 (one bf16 step below magnitude 4; these outputs are averages of
+and checked in a subprocess below), both round the softmax weights to bf16 before the sum over
+V (the kernel only where it has AVX512_BF16), and both round the output to bf16 once, summing in
+different orders; outputs agree to 2^-6 (one bf16 step below magnitude 4; these outputs are averages of
 standard-normal values, mostly below 1) and the log-sum-exps to 1e-4. The machine must have
 AVX-512 (skipped elsewhere: the engine then uses the flash kernel, which these tests compare
 against)."""

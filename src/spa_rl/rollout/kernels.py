@@ -5,10 +5,11 @@ cached keys. PyTorch's CPU flash-attention kernel (`_scaled_dot_product_flash_at
 is built for many queries per block and ran these shapes at 3-5x their memory-read bound here;
 torch.compile of the same math (inductor C++) reached 1.3-1.8x the flash kernel, the plain
 matmul formula less. `csrc/decode_attention.cpp` reads each key and value once per (row, KV
-head), with bf16 dot products for the scores where the CPU has AVX512_BF16 (fp32 FMAs
-elsewhere) and fp32 softmax and sums, and ran 2.1-2.7x faster than the flash kernel on the
-engine's shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces
-them).
+head), the row's shared prompt prefix and then its private keys under one softmax (no separate
+prefix attention and merge), with bf16 dot products where the CPU has AVX512_BF16 (scores
+summed in fp32; the weighted sum of V over weights rounded to bf16, as the flash kernel rounds
+them) and fp32 FMAs elsewhere, and ran 1.8-3.7x faster than the flash kernel on the engine's
+shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces them).
 
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
 torch.compile needs on CPU) the first time a process decodes on an AVX-512 CPU (about 30 s), in
@@ -35,8 +36,10 @@ from pathlib import Path
 import torch
 
 HEAD_DIM = 64
-_SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-_NAME = "spa_rl_decode_attention"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "decoder_ops.cpp"]  # one extension
+_HEADERS = [_CSRC / "avx512_math.h"]
+_NAME = "spa_rl_cpu_kernels"
 
 
 def _cflags() -> list[str]:
@@ -82,8 +85,8 @@ def load_decode_attention():
 def _cache_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     # the library links against this torch and this Python's ABI
-    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_cflags()).encode() + torch.__version__.encode()
-                         + sys.version.encode())
+    code = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+    tag = hashlib.sha256(code + " ".join(_cflags()).encode() + torch.__version__.encode() + sys.version.encode())
     return Path(root) / f"{_NAME}-{tag.hexdigest()[:16]}"
 
 
@@ -100,7 +103,7 @@ def _build_or_import():
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.building-", dir=target.parent))
     try:
-        module = load(_NAME, [str(_SOURCE)], extra_cflags=_cflags(), build_directory=str(scratch), verbose=False)
+        module = load(_NAME, [str(p) for p in _SOURCES], extra_cflags=_cflags(), build_directory=str(scratch), verbose=False)
         try:
             os.replace(scratch, target)  # atomic; another process may have finished first
         except OSError:
@@ -108,6 +111,16 @@ def _build_or_import():
         return module  # the loaded library stays mapped whatever happens to its folder
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def decoder_ops_for(dtype: torch.dtype, device: torch.device, widths: tuple[int, ...], head_dim: int):
+    """The built extension's fused layer operations (`rms_norm`, `add_rms_norm`, `rope_split`,
+    `silu_mul`) when they apply: CPU, bf16, row widths that are multiples of 16 and a head size
+    that is a multiple of 32. Else None (the decoder then runs the PyTorch operations)."""
+    if (torch.device(device).type != "cpu" or dtype != torch.bfloat16 or any(w % 16 for w in widths)
+            or head_dim % 32):
+        return None
+    return load_decode_attention()
 
 
 def decode_kernel_for(dtype: torch.dtype, head_dim: int, device: torch.device):

@@ -16,10 +16,13 @@ Why segments: decoding is bound by memory reads. At batch 16 and a 730-token con
 private K/V of 16 rows is 270 MB per step, as much as SmolLM2's weights; a group's 8 samples (or
 16 different levels that share 524 tokens of instructions) read the shared part once.
 
-Attention over the two parts is computed separately and merged with their log-sum-exps
-(softmax over a concatenation = weighted sum of the two partial softmaxes), so each part is one
-batched attention call: the segment part runs the queries of all rows that share a segment
-against that segment's keys in one product.
+A decode step attends over both parts in one call of the AVX-512 kernel (`kernels.py`): each
+(row, KV head) reads its segment's keys, then its private keys, under one softmax; the segment's
+K/V, read by several rows in turn, comes from the processor's cache after the first. Where the
+kernel does not run (other devices or dtypes, no AVX-512), the two parts are attended separately
+with PyTorch's flash kernel and merged with their log-sum-exps (softmax over a concatenation =
+weighted sum of the two partial softmaxes): the segment part runs the queries of all rows that
+share a segment against that segment's keys in one product.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ out for decoding:
 
 The numerics follow transformers' Llama code (RMSNorm in fp32, activations in the compute dtype,
 logits in the compute dtype then fp32), so a teacher-forced HF forward of the same weights gives
-the same log-probs up to float rounding (tests/rollout/test_llama.py).
+the same log-probs up to float rounding (tests/rollout/test_engine_correctness.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from spa_rl.rollout.kernels import decoder_ops_for
 
 # Architectures whose HF forward is exactly: embed -> [RMSNorm, GQA attention with RoPE,
 # residual, RMSNorm, SwiGLU MLP, residual] x L -> RMSNorm -> head.
@@ -145,6 +147,9 @@ class LlamaDecoder:
         self._rotary = backbone.rotary_emb
         self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.scale = self.head_dim ** -0.5
+        # the layer's small operations fused in C++ where they apply (kernels.py), else PyTorch's
+        widths = (cfg.hidden_size, cfg.intermediate_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
+        self.ops = decoder_ops_for(self.dtype, self.device, widths, self.head_dim)
 
     # -- pieces ----------------------------------------------------------------------------
     def rope_tables(self, max_position: int) -> None:
@@ -179,8 +184,10 @@ class LlamaDecoder:
         n = ids.shape[0]
         H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
         self.rope_tables(int(positions.max()) + 1)
-        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
         x = F.embedding(ids, self.embed)
+        if self.ops is not None:
+            return self._forward_fused(x, self._cos[positions], self._sin[positions], attend)
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self.norm(x, layer.ln1))
             # q and k rotated together: one set of RoPE ops per layer instead of two
@@ -191,6 +198,19 @@ class LlamaDecoder:
             gate, up = layer.gate_up(self.norm(x, layer.ln2)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return self.norm(x, self.final_norm)
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """`forward` with the fused operations: per layer one rotary-and-split call, two of
+        residual add + norm (the second layer's first norm takes the previous residual add) and
+        one SiLU-and-product, where the PyTorch version runs about 25 operations."""
+        ops, n = self.ops, x.shape[0]
+        h = ops.rms_norm(x, self.layers[0].ln1, self.eps)
+        for i, layer in enumerate(self.layers):
+            q, k, v = ops.rope_split(layer.qkv(h), cos, sin, self.n_heads, self.n_kv_heads)
+            x, h = ops.add_rms_norm(x, layer.o(attend(i, q, k, v).reshape(n, -1)), layer.ln2, self.eps)
+            following = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+            x, h = ops.add_rms_norm(x, layer.down(ops.silu_mul(layer.gate_up(h))), following, self.eps)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (n, vocab) of final hidden states, computed in the compute dtype like
