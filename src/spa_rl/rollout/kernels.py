@@ -45,7 +45,10 @@ _NAME = "spa_rl_cpu_kernels"
 def _cflags() -> list[str]:
     """AVX-512F always; the bf16 dot-product instructions (AVX512_BF16, e.g. Zen 4, Sapphire
     Rapids) where the CPU has them: the kernel's scores then take a third of the instructions."""
-    flags = ["-O3", "-mavx512f", "-mfma"]
+    # -fopenmp: at::parallel_for splits work over torch's OpenMP threads only in code compiled
+    # with it (without, it runs the whole range on the calling thread); the library then uses the
+    # libgomp.so.1 torch has already loaded
+    flags = ["-O3", "-fopenmp", "-mavx512f", "-mfma"]
     try:
         if os.environ.get("SPA_RL_DECODE_KERNEL") != "avx512f" and torch.cpu._is_avx512_bf16_supported():
             flags.append("-mavx512bf16")
@@ -103,7 +106,7 @@ def _build_or_import():
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.building-", dir=target.parent))
     try:
-        module = load(_NAME, [str(p) for p in _SOURCES], extra_cflags=_cflags(), build_directory=str(scratch), verbose=False)
+        module = load(_NAME, [str(p) for p in _SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"], build_directory=str(scratch), verbose=False)
         try:
             os.replace(scratch, target)  # atomic; another process may have finished first
         except OSError:
