@@ -8,7 +8,7 @@ matmul formula less. `csrc/decode_attention.cpp` reads each key and value once p
 head), the row's shared prompt prefix and then its private keys under one softmax (no separate
 prefix attention and merge), with bf16 dot products where the CPU has AVX512_BF16 (scores
 summed in fp32; the weighted sum of V over weights rounded to bf16, as the flash kernel rounds
-them) and fp32 FMAs elsewhere, and ran 1.8-3.7x faster than the flash kernel on the engine's
+them) and fp32 FMAs elsewhere, and ran 2.5-8.7x faster than the flash kernel on the engine's
 shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces them).
 
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
