@@ -46,8 +46,10 @@ def _cflags() -> list[str]:
     """AVX-512F always; the bf16 dot-product instructions (AVX512_BF16, e.g. Zen 4, Sapphire
     Rapids) where the CPU has them: the kernel's scores then take a third of the instructions."""
     # -fopenmp: at::parallel_for splits work over torch's OpenMP threads only in code compiled
-    # with it (without, it runs the whole range on the calling thread); the library then uses the
-    # libgomp.so.1 torch has already loaded
+    # with it (without, it runs the whole range on the calling thread). The library then binds to
+    # the libgomp.so.1 torch has already loaded (torch's Linux wheels ship GNU OpenMP under that
+    # name); a torch built on another OpenMP would see a second runtime, correct but with its
+    # own threads
     flags = ["-O3", "-fopenmp", "-mavx512f", "-mfma"]
     try:
         if os.environ.get("SPA_RL_DECODE_KERNEL") != "avx512f" and torch.cpu._is_avx512_bf16_supported():
