@@ -200,9 +200,10 @@ class LlamaDecoder:
         return self.norm(x, self.final_norm)
 
     def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """`forward` with the fused operations: per layer one rotary-and-split call, two of
-        residual add + norm (the second layer's first norm takes the previous residual add) and
-        one SiLU-and-product, where the PyTorch version runs about 25 operations."""
+        """`forward` with the fused operations: per layer one rotary-and-split call, one
+        SiLU-and-product and two residual-add-and-norm calls (after attention with this layer's
+        second norm; after the MLP with the next layer's first norm, or the final norm), where
+        the PyTorch version runs about 25 operations."""
         ops, n = self.ops, x.shape[0]
         h = ops.rms_norm(x, self.layers[0].ln1, self.eps)
         for i, layer in enumerate(self.layers):
