@@ -26,7 +26,7 @@ COMMANDS = {
     "pipeline": ("spa_rl.recipes.pipeline", "generate, sft, train and eval in order, resumable"),
     "experiment": ("spa_rl.recipes.experiment", "a matrix of arms x seeds over presets, resumable, with RESULTS.md"),
     "report": ("spa_rl.recipes.report", "report.md with plots for one or more run folders"),
-    "demo": ("spa_rl.recipes.demo", "an RL run on the embedded default model that shows learning (what `make demo` runs)"),
+    "demo": ("spa_rl.recipes.demo", "a short RL run on the embedded default model, ending with whether validation Pass@1 rose (what `make demo` runs)"),
 }
 
 
