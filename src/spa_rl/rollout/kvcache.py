@@ -64,6 +64,15 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(p, v), lse
 
 
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two key sets from the attention over each and its
+    log-sum-exp (softmax over a concatenation = the two partial softmaxes weighted by their
+    shares of the total), computed in fp32 and returned in out_a's dtype."""
+    total = torch.logaddexp(lse_a, lse_b)
+    return (out_a.float() * torch.exp(lse_a - total)[..., None]
+            + out_b.float() * torch.exp(lse_b - total)[..., None]).to(out_a.dtype)
+
+
 def grouped_causal_mask(n: int, ctx: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive mask (group * n, ctx) for `grouped_causal_attention`: query i of the n new
     tokens (absolute row ctx - n + i) sees keys 0 .. ctx - n + i, repeated for each of the
@@ -296,9 +305,7 @@ class KVCache:
                 seg = q.new_tensor([job.segment], dtype=torch.long)
                 out_c, lse_c = kernel.decode_attention_with_prefix(qf, keys, values, lens, self.seg_k[layer],
                                                                    self.seg_v[layer], seg, seg_lens, scale)
-            total = torch.logaddexp(lse, lse_c)
-            out = (out.float() * torch.exp(lse - total)[..., None]
-                   + out_c.float() * torch.exp(lse_c - total)[..., None]).to(q.dtype)
+            out = merge_attention(out, lse, out_c, lse_c)
         return out[0].view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
 
     # -- decode ----------------------------------------------------------------------------
@@ -390,8 +397,6 @@ class KVCache:
                 out_s = out_s.view(S, KV, R, g, d).transpose(1, 2).reshape(S * R, KV, g, d)[plan.seg_back]
                 lse_s = lse_s.view(S, KV, R, g).transpose(1, 2).reshape(S * R, KV, g)[plan.seg_back]
                 lse_s = lse_s.masked_fill(~plan.has_seg, NEG_INF)
-                total = torch.logaddexp(lse, lse_s)
-                out = (out.float() * torch.exp(lse - total)[..., None]
-                       + out_s.float() * torch.exp(lse_s - total)[..., None]).to(q.dtype)
+                out = merge_attention(out, lse, out_s, lse_s)
             return out.reshape(B, H, d)
         return attend
