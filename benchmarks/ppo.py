@@ -1,9 +1,11 @@
 """Seconds per PPO step (rollout / scoring / update), tokens per second and peak memory.
 
     python benchmarks/ppo.py [--model default] [--groups 8] [--group-size 4] [--steps 2] [--sweep 16,32,64]
+        [--micro-batch 8] [--update-baseline] [--no-baseline]
 
 Runs `spa train` in this process on the given model with `groups x group_size` episodes per step
-(default 8 x 4 = 32) and the paper's other settings (keep 25% of groups, micro-batch 1), and
+(default 8 x 4 = 32) and the paper's other settings (keep 25% of groups, micro-batch 1 unless
+`--micro-batch` says otherwise), and
 reads the per-phase timings the recipe logs. A short untimed run first compiles what torch.compile
 compiles (once per process). Validation is shrunk to one level so that it
 does not dominate; its time is not part of the step timings. Peak memory is the process's
@@ -12,7 +14,11 @@ maximum resident set (ru_maxrss), compared with the 8 GiB budget of issue 5.
 Baseline, measured in the same run: the same steps with `--sampling.backend hf`, the plain HF
 forward that re-sends every context each turn (what the rollouts cost before the engine; the
 update is the same code on both sides). `--sweep 16,32,64` also times steps of those sizes, to
-show that a step's cost grows linearly with its episodes.
+show that a step's cost grows linearly with its episodes. `--update-baseline` also times the
+same steps at micro-batch 1 with shared prefixes off (SPA_RL_SHARE_PREFIXES=0; `pack_rows`), the
+update as the recipe ran it before prefixes were packed once, beside the update at
+`--micro-batch`, where the kept episodes of a micro-batch share their system prompt, and the
+samples of a level their whole first prompt.
 
 The update phase (old log-probs, then the mini-batch updates) runs through
 `training.token_logprobs`: rows packed without padding, bf16 block attention, the fused LM-head
@@ -35,10 +41,12 @@ PHASES = ("time/rollout_s", "time/scoring_s", "time/update_s", "time/step_s")
 
 
 def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new_tokens: int | None = None,
-              max_turns: int | None = None) -> list[dict]:
+              max_turns: int | None = None, micro_batch: int | None = None, share_prefixes: bool = True) -> list[dict]:
     """`args.steps` PPO steps of `groups x group_size` episodes; the logged per-step rows."""
     from spa_rl.config import load_config
     from spa_rl.recipes import train
+
+    os.environ["SPA_RL_SHARE_PREFIXES"] = "1" if share_prefixes else "0"
 
     # the run's final checkpoint (~3 GB with the optimizer state) goes with the folder
     with tempfile.TemporaryDirectory(prefix="spa-ppo-bench-") as tmp:
@@ -47,6 +55,7 @@ def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new
             env=args.env, model=args.model, steps=steps or args.steps, groups=groups, group_size=args.group_size,
             sampling={"max_new_tokens": max_new_tokens or args.max_new_tokens, "backend": backend},
             episode={"max_turns": max_turns or args.max_turns},
+            micro_batch=micro_batch or args.micro_batch,
             eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out)))
         train.main(cfg)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -78,13 +87,18 @@ def main() -> None:
     ap.add_argument("--max-turns", type=int, default=5)
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the baseline (the same steps with --sampling.backend hf)")
+    ap.add_argument("--micro-batch", type=int, default=1,
+                    help="episodes per forward/backward in the update (the recipe's default is 1, the paper's)")
+    ap.add_argument("--update-baseline", action="store_true",
+                    help="also run the same steps at micro-batch 1 with shared prefixes off (SPA_RL_SHARE_PREFIXES=0), "
+                         "the update as it ran before prefix sharing, and print the update-time ratio")
     ap.add_argument("--sweep", default="", help="episode counts per step to time as well, e.g. 16,32,64")
     args = ap.parse_args()
 
     load_start = os.getloadavg()
     episodes = args.groups * args.group_size
     print(f"model={args.model} env={args.env} episodes/step={episodes} max_new_tokens={args.max_new_tokens} "
-          f"max_turns={args.max_turns} steps={args.steps}")
+          f"max_turns={args.max_turns} steps={args.steps} micro_batch={args.micro_batch}")
     # Not timed: compiles the update's kernels and the engine's decode step, once per process
     # (without it the first measured step carried ~25 s of compilation).
     run_steps(args, args.groups, "auto", steps=1, max_new_tokens=16, max_turns=1)
@@ -100,6 +114,11 @@ def main() -> None:
     if not args.no_baseline:
         baseline = print_steps("baseline: the same steps through the HF forward (--sampling.backend hf: one call per "
                                "turn, every context re-sent)", run_steps(args, args.groups, "hf"), args.group_size)
+    update_baseline = None
+    if args.update_baseline:
+        update_baseline = print_steps("update baseline: the same steps at micro-batch 1, shared prefixes off",
+                                      run_steps(args, args.groups, "auto", micro_batch=1, share_prefixes=False),
+                                      args.group_size)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print()
     if sweep:
@@ -112,6 +131,9 @@ def main() -> None:
     print("load average at the start " + " ".join(f"{x:.2f}" for x in load_start) + ", at the end "
           + " ".join(f"{x:.2f}" for x in load_end))
     print(f"engine step: {engine['time/step_s']:.1f} s (target <= 30 s at 32 episodes)")
+    if update_baseline is not None:
+        print(f"ratio update-baseline/engine update time: "
+              f"{update_baseline['time/update_s'] / engine['time/update_s']:.2f}x")
     if baseline is not None:
         print(f"ratio baseline/engine step time: {baseline['time/step_s'] / engine['time/step_s']:.2f}x "
               f"(rollout {baseline['time/rollout_s'] / engine['time/rollout_s']:.2f}x)")

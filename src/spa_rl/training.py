@@ -208,12 +208,17 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatur
 
 @dataclass
 class PackedRows:
-    """The real tokens of a (B, T) batch laid end to end in one row (no padding).
+    """The real tokens of a (B, T) batch laid end to end in one row (no padding), each shared
+    prefix once.
 
-    input_ids, position_ids: (1, N); position ids restart at 0 for every row, so rotary
-    embeddings see each row as if it were alone. cu_seqlens (R+1,) int32: row r occupies
-    [cu_seqlens[r], cu_seqlens[r+1]) (empty rows dropped). rows, cols (N,): where each packed
-    token sits in the dense (B, T) layout, to scatter per-token results back.
+    input_ids, position_ids: (1, N) the packed tokens; position ids count from each row's start,
+    so rotary embeddings see each row as if it were alone. cu_seqlens (R+1,) int32: packed row
+    r's own tokens occupy [cu_seqlens[r], cu_seqlens[r+1]) (empty rows dropped). contexts: None,
+    or per packed row the spans [start, end) of packed tokens that come before its own tokens
+    (a prefix it shares with an earlier row, `pack_rows`); its queries attend to those keys,
+    then causally to its own. rows, cols (M,): every real token of the dense (B, T) layout, row
+    after row; index (M,): where each of them sits in the packed sequence (several real tokens
+    map to one packed token when their rows share it); position (M,): its position in its row.
     """
 
     input_ids: torch.Tensor
@@ -223,23 +228,97 @@ class PackedRows:
     rows: torch.Tensor
     cols: torch.Tensor
     shape: tuple[int, int]
+    index: torch.Tensor
+    position: torch.Tensor
+    contexts: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
+MIN_SHARED_PREFIX = 32
+"""Shortest common prefix `pack_rows` shares: below it, the saved compute is smaller than the
+per-row overhead of attending to a separate context."""
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefixes: bool = False,
+              min_shared: int = MIN_SHARED_PREFIX) -> PackedRows:
     """Pack the tokens where `attention_mask` is 1, row after row (left, right or no padding; a
-    hole in a row is dropped, so positions count the row's real tokens, as a mask would)."""
+    hole in a row is dropped, so positions count the row's real tokens, as a mask would).
+
+    With `share_prefixes`, a row whose first L >= `min_shared` tokens equal an earlier row's
+    (the longest such match; RL groups share their prompt, every episode the system prompt)
+    packs only its tokens from L on, and attends to the earlier row's packed copies of the
+    first L (`PackedRows.contexts`). Causal attention makes the hidden states of a prefix the
+    same in every row that has it, so this computes the same values with the prefix's layers
+    run once, and autograd sums the prefix's gradient over the rows that read it. A row always
+    keeps at least its last token as its own."""
     keep = attention_mask.bool()
     rows, cols = keep.nonzero(as_tuple=True)  # row-major: row 0's tokens, then row 1's, ...
     lengths = keep.sum(1)
     position = (keep.long().cumsum(1) - 1)[rows, cols]
-    nonempty = lengths[lengths > 0]
-    cu = F.pad(nonempty.cumsum(0), (1, 0)).to(torch.int32)
-    return PackedRows(input_ids=input_ids[rows, cols][None], position_ids=position[None], cu_seqlens=cu,
-                      max_length=int(nonempty.max()) if len(nonempty) else 0, rows=rows, cols=cols,
-                      shape=(input_ids.shape[0], input_ids.shape[1]))
+    tokens = input_ids[rows, cols]
+    shape = (input_ids.shape[0], input_ids.shape[1])
+    if not share_prefixes or input_ids.shape[0] < 2:
+        nonempty = lengths[lengths > 0]
+        cu = F.pad(nonempty.cumsum(0), (1, 0)).to(torch.int32)
+        return PackedRows(input_ids=tokens[None], position_ids=position[None], cu_seqlens=cu,
+                          max_length=int(nonempty.max()) if len(nonempty) else 0, rows=rows, cols=cols, shape=shape,
+                          index=torch.arange(len(tokens), device=tokens.device), position=position)
+    return _pack_sharing_prefixes(tokens, rows, cols, position, lengths, shape, min_shared)
+
+
+def _truncate_spans(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The leading `length` tokens of a path of packed spans."""
+    out = []
+    for a, b in spans:
+        if length <= 0:
+            break
+        out.append((a, min(b, a + length)))
+        length -= b - a
+    return out
+
+
+def _pack_sharing_prefixes(tokens, rows, cols, position, lengths, shape, min_shared: int) -> PackedRows:
+    device = tokens.device
+    B = len(lengths)
+    lens = lengths.tolist()
+    longest = max(lens)
+    aligned = torch.full((B, longest), -1, dtype=tokens.dtype, device=device)  # real tokens, left-aligned
+    aligned[rows, position] = tokens
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    paths: list[list[tuple[int, int]]] = []  # per row: the packed spans that spell its tokens, in order
+    contexts, own_lengths, packed_parts, index_parts = [], [], [], []
+    packed = 0
+    for r, n in enumerate(lens):
+        if n == 0:
+            paths.append([])
+            continue
+        shared, context = 0, []
+        if r > 0:
+            same = (aligned[:r, :n] == aligned[r, :n]).long().cumprod(1).sum(1)  # common prefix with each earlier row
+            best = int(same.argmax())
+            shared = min(int(same[best]), n - 1)
+            if shared >= min_shared:
+                context = _truncate_spans(paths[best], shared)
+            else:
+                shared = 0
+        own = (packed, packed + n - shared)
+        paths.append(context + [own])
+        contexts.append(tuple(context))
+        own_lengths.append(n - shared)
+        packed_parts.append(torch.arange(starts[r] + shared, starts[r] + n, device=device))
+        index_parts.extend(torch.arange(a, b, device=device) for a, b in context)
+        index_parts.append(torch.arange(*own, device=device))
+        packed = own[1]
+    chosen = torch.cat(packed_parts)
+    cu = F.pad(torch.tensor(own_lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+    return PackedRows(input_ids=tokens[chosen][None], position_ids=position[chosen][None], cu_seqlens=cu,
+                      max_length=max(lens), rows=rows, cols=cols, shape=shape, index=torch.cat(index_parts),
+                      position=position, contexts=tuple(contexts) if any(contexts) else None)
 
 
 PACKED_ATTENTION = "spa_packed_sdpa"
+ROW_CONTEXTS = "spa_row_contexts"  # the keyword that carries PackedRows.contexts to the attention function
 ATTENTION_BLOCK = 256  # query rows per block of the CPU attention kernel
 
 
@@ -324,17 +403,27 @@ def _kernel(fn):
     return run
 
 
+def _context_of(tensor: torch.Tensor, spans: tuple[tuple[int, int], ...]) -> torch.Tensor | None:
+    """The keys (or values) of a row's context spans, concatenated along the token axis (dim 1)."""
+    if not spans:
+        return None
+    return torch.cat([tensor[:, a:b] for a, b in spans], dim=1)
+
+
 class _PackedCausalAttention(torch.autograd.Function):
     """Causal attention within each row of a packed sequence, in query blocks of
     `ATTENTION_BLOCK`, flash-attention style: the forward keeps only the output and the
     log-sum-exp per query, the backward recomputes each block's probabilities. A block's keys
     stop at its last query, so (apart from the diagonal blocks) no score above the diagonal is
-    computed, and no key of another row ever is.
+    computed, and no key of another row ever is, except a shared prefix's.
 
-    q (Hkv, G, N, D), k, v (Hkv, N, D); bounds: the rows' [start, end) offsets in N."""
+    q (Hkv, G, N, D), k, v (Hkv, N, D); bounds: the rows' [start, end) offsets in N; contexts:
+    None or per row the spans of earlier packed tokens (a shared prefix, `pack_rows`) that
+    precede the row's own tokens: its queries attend to them before their own causal keys, and
+    their keys and values receive the row's gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, bounds: tuple[int, ...]):
+    def forward(ctx, q, k, v, scale: float, bounds: tuple[int, ...], contexts=None):
         # One compute dtype for the matmuls, here and in the backward (which runs outside any
         # autocast region): under autocast, rotary embeddings leave q and k float32 while v
         # is bfloat16, and autocast would have run the products in bfloat16.
@@ -345,13 +434,18 @@ class _PackedCausalAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         block = _kernel(_attention_block_forward)
         with torch.autocast(q.device.type, enabled=False):
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                spans = contexts[i] if contexts else ()
+                k_ctx, v_ctx = _context_of(k, spans), _context_of(v, spans)
+                C = 0 if k_ctx is None else k_ctx.shape[1]
                 for s in range(a, b, ATTENTION_BLOCK):
                     e = min(b, s + ATTENTION_BLOCK)
-                    future = _future_mask(e - s, e - a, q.device)
-                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], k[:, a:e], v[:, a:e], future, scale)
+                    keys = k[:, a:e] if k_ctx is None else torch.cat([k_ctx, k[:, a:e]], dim=1)
+                    values = v[:, a:e] if v_ctx is None else torch.cat([v_ctx, v[:, a:e]], dim=1)
+                    future = _future_mask(e - s, C + e - a, q.device)
+                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], keys, values, future, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.bounds = scale, bounds
+        ctx.scale, ctx.bounds, ctx.contexts = scale, bounds, contexts
         return out
 
     @staticmethod
@@ -363,29 +457,41 @@ class _PackedCausalAttention(torch.autograd.Function):
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         block = _kernel(_attention_block_backward)
-        bounds = ctx.bounds
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        bounds, contexts = ctx.bounds, ctx.contexts
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            spans = contexts[i] if contexts else ()
+            k_ctx, v_ctx = _context_of(k, spans), _context_of(v, spans)
+            C = 0 if k_ctx is None else k_ctx.shape[1]
             for s in range(a, b, ATTENTION_BLOCK):
                 e = min(b, s + ATTENTION_BLOCK)
-                gq, gk, gv = block(q[:, :, s:e], k[:, a:e], v[:, a:e], grad_out[:, :, s:e], lse[:, :, s:e],
-                                   delta[:, :, s:e], _future_mask(e - s, e - a, q.device), ctx.scale)
+                keys = k[:, a:e] if k_ctx is None else torch.cat([k_ctx, k[:, a:e]], dim=1)
+                values = v[:, a:e] if v_ctx is None else torch.cat([v_ctx, v[:, a:e]], dim=1)
+                gq, gk, gv = block(q[:, :, s:e], keys, values, grad_out[:, :, s:e], lse[:, :, s:e],
+                                   delta[:, :, s:e], _future_mask(e - s, C + e - a, q.device), ctx.scale)
                 grad_q[:, :, s:e] = gq
-                grad_k[:, a:e] += gk
-                grad_v[:, a:e] += gv
+                grad_k[:, a:e] += gk[:, C:]
+                grad_v[:, a:e] += gv[:, C:]
+                at = 0
+                for c0, c1 in spans:  # the shared prefix's keys and values: this row's share of their gradient
+                    grad_k[:, c0:c1] += gk[:, at:at + c1 - c0]
+                    grad_v[:, c0:c1] += gv[:, at:at + c1 - c0]
+                    at += c1 - c0
         dq, dk, dv = ctx.in_dtypes
-        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None, None
+        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None, None, None
 
 
-def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torch.Tensor:
-    """Causal attention of each packed row with itself. query (1, H, N, D), key/value
-    (1, Hkv, N, D) (grouped-query heads: query head h reads key/value head h // (H / Hkv)),
-    cu_seqlens (R+1,) row offsets. Returns (1, H, N, D).
+def packed_causal_attention(query, key, value, cu_seqlens, scale: float, contexts=None) -> torch.Tensor:
+    """Causal attention of each packed row with itself (after its context spans, when
+    `contexts` gives them: `PackedRows.contexts`). query (1, H, N, D), key/value (1, Hkv, N, D)
+    (grouped-query heads: query head h reads key/value head h // (H / Hkv)), cu_seqlens (R+1,)
+    row offsets. Returns (1, H, N, D).
 
     CPU in bf16/fp16 (autocast or half inputs): `_PackedCausalAttention` (compiled query
     blocks), 1.1-2.2x faster than the CPU flash kernel, forward plus backward, on SmolLM2 and
-    tiny-model rows. Otherwise the fused causal `scaled_dot_product_attention` kernel on each row:
-    in float32 the CPU flash kernel was the faster one (1.3-1.9x), and a GPU's flash kernels are
-    fast."""
+    tiny-model rows. Otherwise `scaled_dot_product_attention` on each row: the fused causal
+    kernel (in float32 the CPU flash kernel was the faster one, 1.3-1.9x, and a GPU's flash
+    kernels are fast), or, for a row with a context, an explicit mask that lets every query see
+    the whole context."""
     bounds = tuple(int(x) for x in cu_seqlens.tolist())
     H, N, D = query.shape[1:]
     Hkv = key.shape[1]
@@ -393,11 +499,20 @@ def packed_causal_attention(query, key, value, cu_seqlens, scale: float) -> torc
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
         q = query[0].reshape(Hkv, H // Hkv, N, D)
-        out = _PackedCausalAttention.apply(q, key[0], value[0], float(scale), bounds)
+        out = _PackedCausalAttention.apply(q, key[0], value[0], float(scale), bounds, contexts)
         return out.reshape(1, H, N, D)
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scale,
-                                           is_causal=True, enable_gqa=H != Hkv)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    outs = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        spans = contexts[i] if contexts else ()
+        if not spans:
+            outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scale,
+                                                       is_causal=True, enable_gqa=H != Hkv))
+            continue
+        keys = torch.cat([key[:, :, c0:c1] for c0, c1 in spans] + [key[:, :, a:b]], dim=2)
+        values = torch.cat([value[:, :, c0:c1] for c0, c1 in spans] + [value[:, :, a:b]], dim=2)
+        visible = ~_future_mask(b - a, keys.shape[2], query.device)
+        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], keys, values, attn_mask=visible, scale=scale,
+                                                   enable_gqa=H != Hkv))
     return torch.cat(outs, dim=2)
 
 
@@ -422,7 +537,7 @@ def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout: f
         raise ValueError(f"packed rows need one sequence of {int(cu[-1])} tokens and no cache, got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = packed_causal_attention(query, key, value, cu, scale)
+    out = packed_causal_attention(query, key, value, cu, scale, kwargs.get(ROW_CONTEXTS))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -451,8 +566,21 @@ def _use_packed_attention(backbone) -> bool:
     return config._attn_implementation == PACKED_ATTENTION
 
 
+def share_prefixes_enabled() -> bool:
+    """Whether training forwards pack shared prefixes once (`pack_rows`): on unless the
+    environment sets SPA_RL_SHARE_PREFIXES=0 (to measure what sharing saves, or to rule it out)."""
+    return os.environ.get("SPA_RL_SHARE_PREFIXES", "1") != "0"
+
+
+def pack_for(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
+    """`pack_rows` for this backbone: prefixes shared where its attention reads `contexts`
+    (`_packed_sdpa_attention`); other implementations (flash-attention, eager) know only rows."""
+    share = share_prefixes_enabled() and _use_packed_attention(backbone)
+    return pack_rows(input_ids, attention_mask, share_prefixes=share)
+
+
 def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
-    """Last hidden states (N, H) of the packed rows: each row computes what it would alone.
+    """Last hidden states (N, H) of the packed tokens: each row computes what it would alone.
 
     Rows are told apart by their restarting position ids with no attention mask, which is what
     transformers 5.x reads as packed sequences (it then builds a block-diagonal causal mask), and
@@ -460,24 +588,30 @@ def packed_forward(backbone, packed: PackedRows) -> torch.Tensor:
     flash-attention use to run causal attention row by row. On `_packed_sdpa_attention` a
     (1, 1, 1, 1) placeholder stands in for the mask: transformers passes a 4-D mask through as
     it is, so it skips building the dense (N, N) block mask (144 MB and a noticeable part of a
-    step for 12,000 packed tokens) that the row-by-row kernel would not read."""
+    step for 12,000 packed tokens) that the row-by-row kernel would not read. Shared prefixes
+    (`packed.contexts`) reach it as the `spa_row_contexts` keyword, which transformers passes
+    through to the attention function."""
     own_kernel = _use_packed_attention(backbone)
+    if packed.contexts is not None and not own_kernel:
+        raise ValueError("rows packed with shared prefixes need the spa_packed_sdpa attention; pack with pack_for")
     cu = packed.cu_seqlens.to(packed.input_ids.device)
     mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=cu.device) if own_kernel else None
+    extra = {ROW_CONTEXTS: packed.contexts} if packed.contexts is not None else {}
     out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
                    use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_length,
-                   max_length_k=packed.max_length)
+                   max_length_k=packed.max_length, **extra)
     return out.last_hidden_state[0]
 
 
 def packed_hidden_states(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, T, H) of a padded batch, computed packed (no compute on pads);
-    zeros at the pads. For heads other than the LM head (the critic's value head)."""
-    packed = pack_rows(input_ids, attention_mask)
+    """Last hidden states (B, T, H) of a padded batch, computed packed (no compute on pads, each
+    shared prefix once); zeros at the pads. For heads other than the LM head (the critic's value
+    head)."""
+    packed = pack_for(backbone, input_ids, attention_mask)
     hidden = packed_forward(backbone, packed)
     B, T = packed.shape
     dense = hidden.new_zeros((B, T, hidden.shape[-1]))
-    return dense.index_put((packed.rows, packed.cols), hidden)
+    return dense.index_put((packed.rows, packed.cols), hidden[packed.index])
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions_mask: torch.Tensor,
@@ -487,19 +621,20 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     distribution at those positions. Differentiable; see the module docstring.
 
     input_ids, attention_mask, positions_mask: (B, T), any padding side. The rows are packed
-    (`pack_rows`), so pads cost nothing; a token is a target when `positions_mask` marks it and
-    it is not its row's first real token. `temperature` divides the logits: pass the sampling
-    temperature to score a rollout under the distribution it was sampled from (the sampler's
-    log-probs are temperature-scaled; `rollout.backend.sample_next`).
+    (`pack_for`), so pads cost nothing and shared prefixes are computed once; a token is a
+    target when `positions_mask` marks it and it is not its row's first real token.
+    `temperature` divides the logits: pass the sampling temperature to score a rollout under
+    the distribution it was sampled from (the sampler's log-probs are temperature-scaled;
+    `rollout.backend.sample_next`).
     """
     backbone, _ = backbone_and_head(model)
-    packed = pack_rows(input_ids, attention_mask)
+    packed = pack_for(backbone, input_ids, attention_mask)
     hidden = packed_forward(backbone, packed)  # (N, H)
-    is_target = positions_mask.bool()[packed.rows, packed.cols] & (packed.position_ids[0] > 0)
-    idx = is_target.nonzero()[:, 0]  # packed index of each target; its context ends at idx - 1
-    result = head_logprobs(model, hidden[idx - 1], packed.input_ids[0, idx], temperature, return_entropy,
-                           chunk_size)
-    where = (packed.rows[idx], packed.cols[idx])
+    is_target = positions_mask.bool()[packed.rows, packed.cols] & (packed.position > 0)
+    m = is_target.nonzero()[:, 0]  # each target among the real tokens; its context ends at the real token m - 1
+    result = head_logprobs(model, hidden[packed.index[m - 1]], input_ids[packed.rows[m], packed.cols[m]],
+                           temperature, return_entropy, chunk_size)
+    where = (packed.rows[m], packed.cols[m])
     B, T = packed.shape
 
     def dense(flat):
