@@ -4,10 +4,12 @@ then trained by `spa train` (GRPO), raises its validation success on an easy lev
 Levels: two 1x2 FrozenLake rows without slipping, "PG" (the goal is Right) and "GP" (Left);
 one turn of up to two actions. A uniformly random two-action answer wins with probability
 7/16, so the SFT model (trained on random actions) starts near 0.4 and a policy that reads the
-state can reach 1.0. Measured here (2026-12-07): 0.19 at step 0 -> 0.50-0.63 after 32 steps
-(about a minute, the SFT included). 32 steps, not 16: at 16 the end point ranged 0.31-0.56
-between runs that differ only in floating-point rounding (the thread count, shared-prefix
-packing), which a +0.15 bar on 32 validation episodes could not tell from failure.
+state can reach 1.0. Measured here (2026-12-07): 0.19 at step 0 -> 0.63-0.75 after 32 steps of
+2 groups x 16 samples (about a minute with shared-prefix packing, the SFT included), in four
+runs that differ only in floating-point rounding (packing with and without shared prefixes,
+one or two threads, micro-batches reordered). With 8 samples per group the end point ranged
+0.28-0.63 over such runs: a group whose 8 samples all fail carries no GRPO signal, and a policy
+that settled on one direction (solving one level, never the other) stayed there.
 """
 
 import json
@@ -52,9 +54,9 @@ def test_grpo_raises_success_on_easy_levels(tmp_path, monkeypatch):
     train_cfg = load_config(train.Config, dict(
         model={"name": str(final_model(tmp_path / "sft")), "dtype": "fp32"},
         env={"name": "frozenlake", "level_file": str(tmp_path / "levels.txt"), "options": "{is_slippery: false}"},
-        steps=32, algo="grpo", groups=2, group_size=8, keep_ratio=1.0,
+        steps=32, algo="grpo", groups=2, group_size=16, keep_ratio=1.0,
         episode={"max_turns": 1, "max_actions_per_turn": 2}, sampling={"max_new_tokens": 64},
-        eval={"levels": 2, "samples": 16}, eval_every=0, optim={"lr": 3e-4}, ppo_epochs=2, mini_batch=8,
+        eval={"levels": 2, "samples": 16}, eval_every=0, optim={"lr": 3e-4}, ppo_epochs=2, mini_batch=16,
         micro_batch=8, entropy_coef=0.0, out=str(tmp_path / "ppo")))
     assert train.main(train_cfg) == 0
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
