@@ -3,8 +3,9 @@ then trained by `spa train` (GRPO), raises its validation success on an easy lev
 
 Levels: two 1x2 FrozenLake rows without slipping, "PG" (the goal is Right) and "GP" (Left);
 one turn of up to two actions. A uniformly random two-action answer wins with probability
-7/16 (the SFT model, trained on random actions, measures 0.19: it also writes answers that do
-not parse or stop early), and a policy that reads the state can reach 1.0. Measured here (2026-12-07): 0.19 at step 0 -> 0.63-0.75 after 32 steps of
+7/16 (the SFT model, trained on random actions, measured 0.19 at step 0), and a policy that
+reads the state can reach 1.0.
+Measured here (2026-12-07): 0.19 at step 0 -> 0.63-0.75 after 32 steps of
 2 groups x 16 samples (about a minute with shared-prefix packing, the SFT included), in four
 runs that differ only in floating-point rounding (packing with and without shared prefixes,
 one or two threads, micro-batches reordered). With 8 samples per group the end point ranged
