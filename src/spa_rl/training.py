@@ -5,7 +5,9 @@ The training forward (`token_logprobs`, `packed_hidden_states`), in the order it
 
 1. Packing (`pack_rows`): the real tokens of a padded (B, T) batch are laid end to end in one
    row, with position ids restarting at 0 for every row and no attention mask. No compute is
-   spent on pads, and micro-batches are bounded by tokens instead of rows x longest row.
+   spent on pads, and micro-batches are bounded by tokens instead of rows x longest row. A
+   prefix that rows share (the system prompt, a group's first prompt) is packed once and the
+   rows that continue it attend to it (`pack_rows(share_prefixes=True)`, via `pack_for`).
 2. Attention within rows only. transformers 5.x reads restarting position ids without a mask as
    packed sequences and builds a block-diagonal causal mask itself, which is correct but dense
    (N x N for N packed tokens) and turns off the fused causal kernels. `packed_forward` also
