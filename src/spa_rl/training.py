@@ -405,11 +405,19 @@ def _kernel(fn):
     return run
 
 
-def _context_of(tensor: torch.Tensor, spans: tuple[tuple[int, int], ...]) -> torch.Tensor | None:
-    """The keys (or values) of a row's context spans, concatenated along the token axis (dim 1)."""
-    if not spans:
-        return None
-    return torch.cat([tensor[:, a:b] for a, b in spans], dim=1)
+def _query_blocks(k, v, bounds: tuple[int, ...], contexts):
+    """The query blocks of `_PackedCausalAttention`, for its forward and its backward alike:
+    (key spans, block start s, block end e, the block's keys, its values, future mask). A
+    block's keys are those of its key spans laid end to end: the row's context spans, then the
+    row's own tokens from its start a up to e."""
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        spans = contexts[i] if contexts else ()
+        for s in range(a, b, ATTENTION_BLOCK):
+            e = min(b, s + ATTENTION_BLOCK)
+            key_spans = spans + ((a, e),)
+            keys = torch.cat([k[:, c0:c1] for c0, c1 in key_spans], dim=1) if spans else k[:, a:e]
+            values = torch.cat([v[:, c0:c1] for c0, c1 in key_spans], dim=1) if spans else v[:, a:e]
+            yield key_spans, s, e, keys, values, _future_mask(e - s, keys.shape[1], k.device)
 
 
 class _PackedCausalAttention(torch.autograd.Function):
@@ -436,16 +444,8 @@ class _PackedCausalAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         block = _kernel(_attention_block_forward)
         with torch.autocast(q.device.type, enabled=False):
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                spans = contexts[i] if contexts else ()
-                k_ctx, v_ctx = _context_of(k, spans), _context_of(v, spans)
-                C = 0 if k_ctx is None else k_ctx.shape[1]
-                for s in range(a, b, ATTENTION_BLOCK):
-                    e = min(b, s + ATTENTION_BLOCK)
-                    keys = k[:, a:e] if k_ctx is None else torch.cat([k_ctx, k[:, a:e]], dim=1)
-                    values = v[:, a:e] if v_ctx is None else torch.cat([v_ctx, v[:, a:e]], dim=1)
-                    future = _future_mask(e - s, C + e - a, q.device)
-                    out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], keys, values, future, scale)
+            for _, s, e, keys, values, future in _query_blocks(k, v, bounds, contexts):
+                out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], keys, values, future, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.bounds, ctx.contexts = scale, bounds, contexts
         return out
@@ -459,25 +459,15 @@ class _PackedCausalAttention(torch.autograd.Function):
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         block = _kernel(_attention_block_backward)
-        bounds, contexts = ctx.bounds, ctx.contexts
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            spans = contexts[i] if contexts else ()
-            k_ctx, v_ctx = _context_of(k, spans), _context_of(v, spans)
-            C = 0 if k_ctx is None else k_ctx.shape[1]
-            for s in range(a, b, ATTENTION_BLOCK):
-                e = min(b, s + ATTENTION_BLOCK)
-                keys = k[:, a:e] if k_ctx is None else torch.cat([k_ctx, k[:, a:e]], dim=1)
-                values = v[:, a:e] if v_ctx is None else torch.cat([v_ctx, v[:, a:e]], dim=1)
-                gq, gk, gv = block(q[:, :, s:e], keys, values, grad_out[:, :, s:e], lse[:, :, s:e],
-                                   delta[:, :, s:e], _future_mask(e - s, C + e - a, q.device), ctx.scale)
-                grad_q[:, :, s:e] = gq
-                grad_k[:, a:e] += gk[:, C:]
-                grad_v[:, a:e] += gv[:, C:]
-                at = 0
-                for c0, c1 in spans:  # the shared prefix's keys and values: this row's share of their gradient
-                    grad_k[:, c0:c1] += gk[:, at:at + c1 - c0]
-                    grad_v[:, c0:c1] += gv[:, at:at + c1 - c0]
-                    at += c1 - c0
+        for key_spans, s, e, keys, values, future in _query_blocks(k, v, ctx.bounds, ctx.contexts):
+            gq, gk, gv = block(q[:, :, s:e], keys, values, grad_out[:, :, s:e], lse[:, :, s:e], delta[:, :, s:e],
+                               future, ctx.scale)
+            grad_q[:, :, s:e] = gq
+            at = 0
+            for c0, c1 in key_spans:  # a shared prefix's keys and values get every reading row's share
+                grad_k[:, c0:c1] += gk[:, at:at + c1 - c0]
+                grad_v[:, c0:c1] += gv[:, at:at + c1 - c0]
+                at += c1 - c0
         dq, dk, dv = ctx.in_dtypes
         return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None, None, None
 
