@@ -170,6 +170,12 @@ class EvalSection:
     levels: int = option(128, "number of validation levels")
     samples: int = option(8, "episodes per level (n for Pass@k)")
     first_level: int = option(0, "index of the first level in the validation seed stream")
+    temperature: float | None = option(None, "sampling temperature of the evaluation (0 = greedy); unset: the "
+                                              "sampling section's. Greedy validation of a training run "
+                                              "compares two checkpoints without the sampler's noise")
 
     def check(self) -> list[str]:
-        return _at_least(self, 1, "levels", "samples") + _at_least(self, 0, "first_level")
+        errors = _at_least(self, 1, "levels", "samples") + _at_least(self, 0, "first_level")
+        if self.temperature is not None and self.temperature < 0:
+            errors.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        return errors

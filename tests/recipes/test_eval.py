@@ -85,3 +85,27 @@ def test_help_lists_every_field_with_its_default():
         assert "--" + name.replace("_", "-") in flat, name
     assert "--sampling.temperature TEMPERATURE sampling temperature (0 = greedy) (default: 1.0)" in flat
     assert "--env ENV" in flat or "--env NAME" in flat  # the section's short form
+
+
+def test_eval_temperature_overrides_the_sampler_greedy_samples_agree(tmp_path):
+    """eval.temperature 0 decodes greedily whatever sampling.temperature says: the samples of a
+    level are then the same episode; at the sampling section's temperature 1 they differ."""
+    def transcripts(out, **eval_fields):
+        cfg = load_config(eval_recipe.Config, {"env": "frozenlake", "model": "tiny", "episode": {"max_turns": 1},
+                                               "eval": {"levels": 2, "samples": 3, **eval_fields},
+                                               "sampling": {"max_new_tokens": 12, "temperature": 1.0},
+                                               "out": str(out)})
+        assert eval_recipe.main(cfg) == 0
+        rows = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
+        by_level = {}
+        for r in rows:
+            by_level.setdefault(r["level_seed"], []).append(r["messages"][-1]["content"])
+        return by_level
+
+    greedy = transcripts(tmp_path / "greedy", temperature=0.0)
+    assert all(len(set(v)) == 1 for v in greedy.values())
+    sampled = transcripts(tmp_path / "sampled")
+    assert any(len(set(v)) > 1 for v in sampled.values())
+    res = subprocess.run([sys.executable, "-m", "spa_rl.cli", "eval", "--eval.temperature", "-1", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True)
+    assert res.returncode == 2 and "eval.temperature" in res.stderr and "Traceback" not in res.stderr

@@ -29,6 +29,8 @@ arms:
   sft-then-rl: {preset: tiny.yaml, description: all five stages}
   rl-only:
     preset: rl.yaml
+conclusion: |
+  Two seeds of a tiny model: nothing to conclude.
 """
 
 
@@ -50,6 +52,10 @@ def test_experiment_matrix_runs_skips_and_reports(tmp_path):
     rl = json.loads((tmp_path / "results" / "rl-only" / "seed-0.json").read_text())
     assert set(rl["stages"]) == {"train", "eval"}  # no data, no SFT
     assert not (tmp_path / "runs" / "rl-only" / "seed-0" / "sft").exists()
+    # finished cells keep each stage's final model, not its intermediate checkpoints
+    assert (tmp_path / "runs" / "sft-then-rl" / "seed-0" / "sft" / "final" / "COMPLETE").is_file()
+    for stage in tmp_path.glob("runs/*/seed-*/*/"):
+        assert [c.name for c in stage.glob("checkpoint-*")] in ([], [(stage / "final").resolve().name])
     # the seed reaches the stages: two seeds of one arm sample differently
     a = (tmp_path / "runs" / "sft-then-rl" / "seed-0" / "train" / "config.yaml").read_text()
     assert "seed: 0" in a and "seed: 1" in (tmp_path / "runs" / "sft-then-rl" / "seed-1" / "train" /
@@ -61,6 +67,7 @@ def test_experiment_matrix_runs_skips_and_reports(tmp_path):
           for s in (0, 1)]
     mean, half = mean_ci(p1)
     assert f"| rl-only | 2 | 2 x 2 | {mean:.3f} ± {half:.3f} |" in text
+    assert text.rstrip().endswith("## Conclusion\n\nTwo seeds of a tiny model: nothing to conclude.")
     assert "spa experiment" in text and (tmp_path / "results" / "curves.png").stat().st_size > 1000
 
     res = spa("experiment", str(tmp_path / "study.yaml"))  # everything is there: nothing runs
@@ -77,9 +84,26 @@ def test_collect_cell_times_every_stage_that_ran(tmp_path):
     assert collect_cell(tmp_path)["stages"] == {"warmup-generate": 1.5, "warmup-sft": 60.0, "generate": 2.0}
 
 
+def test_prune_checkpoints_only_in_finished_stages(tmp_path):
+    from spa_rl.recipes.experiment import prune_checkpoints
+
+    for stage, done in (("sft", True), ("train", False)):
+        for folder in ("checkpoint-epoch-1", "checkpoint-epoch-2"):
+            (tmp_path / stage / folder).mkdir(parents=True)
+            (tmp_path / stage / folder / "model.safetensors").write_text("x")
+        (tmp_path / stage / "final").symlink_to("checkpoint-epoch-2")
+        if done:
+            (tmp_path / stage / "STAGE_DONE").write_text("1.0 seconds\n")
+    assert prune_checkpoints(tmp_path) == [tmp_path / "sft" / "checkpoint-epoch-1"]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()  # final's checkpoint stays
+    assert (tmp_path / "train" / "checkpoint-epoch-1").is_dir()  # an unfinished stage resumes from it
+
+
 @pytest.mark.parametrize("text, needle", [("arms: {a: {preset: x.yaml, sett: []}}\nruns: r\nresults: s\n", "sett"),
                                           ("seeds: one\narms: {a: {}}\nruns: r\nresults: s\n", "seeds"),
-                                          ("arms: {a: {preset: cpu-small}}\n", "runs")])
+                                          ("arms: {a: {preset: cpu-small}}\n", "runs"),
+                                          ("arms: {a: {preset: cpu-small}}\nruns: r\nresults: s\nconclusion: [1]\n",
+                                           "conclusion")])
 def test_bad_files_fail_by_name(tmp_path, text, needle):
     (tmp_path / "s.yaml").write_text(text)
     res = spa("experiment", str(tmp_path / "s.yaml"))

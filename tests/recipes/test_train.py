@@ -231,3 +231,13 @@ def test_grpo_advantages_are_not_whitened_by_default(algo, whiten, whitened):
         assert adv[2:].abs().sum() == 0
     if algo == "grpo" and whitened:
         assert adv[2, 1:4].abs().min() > 0.1  # the shift reaches the group without signal
+
+
+@pytest.mark.parametrize("n,size", [(12, 4), (10, 4), (5, 8)])
+def test_minibatches_cover_the_shuffle_once_each_in_batch_order(n, size):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    parts = train.minibatches(order, size)
+    # the shuffle decides the membership of each mini-batch ...
+    assert [set(p.tolist()) for p in parts] == [set(order[m:m + size].tolist()) for m in range(0, n, size)]
+    # ... and each is in batch order, so that a level's samples sit side by side in the micro-batches
+    assert all(p.tolist() == sorted(p.tolist()) for p in parts)

@@ -18,6 +18,9 @@ The file:
     arms:
       spa:     {preset: my-spa.yaml, description: "world-model SFT, then RL"}
       vanilla: {preset: my-rl.yaml, set: [train.episode.render=grid]}
+    conclusion: |                         # optional: what the numbers say, kept as RESULTS.md's
+      ...                                 # last section when the file is rewritten
+    keep_checkpoints: false               # default: a finished cell's stages keep only `final`
 
 A cell (arm, seed) is one `spa pipeline` run in `runs/ARM/seed-N` with every stage's `seed`
 set to N (the validation levels stay fixed). When it finishes, its metrics go to
@@ -62,6 +65,8 @@ class Study:
     runs: Path
     results: Path
     source: Path
+    conclusion: str = ""
+    keep_checkpoints: bool = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +82,8 @@ def load_study(path: str | Path) -> Study:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{path}: not valid YAML") from None
-    known = {"name", "env", "env_options", "model", "preset", "seeds", "set", "runs", "results", "arms"}
+    known = {"name", "env", "env_options", "model", "preset", "seeds", "set", "runs", "results", "arms", "conclusion",
+             "keep_checkpoints"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -106,9 +112,14 @@ def load_study(path: str | Path) -> Study:
     for key in ("runs", "results"):
         if not data.get(key):
             raise ConfigError(f"{path}: {key} (a folder) is required")
+    conclusion = data.get("conclusion") or ""
+    if not isinstance(conclusion, str):
+        raise ConfigError(f"{path}: conclusion must be text (what the results say, kept in RESULTS.md), "
+                          f"got {type(conclusion).__name__}")
     return Study(name=data.get("name", path.stem), env=data.get("env", "sokoban"), env_options=data.get("env_options"),
                  model=data.get("model"), seeds=seeds, arms=arms, runs=base / data["runs"],
-                 results=base / data["results"], source=path)
+                 results=base / data["results"], source=path, conclusion=conclusion.strip(),
+                 keep_checkpoints=bool(data.get("keep_checkpoints", False)))
 
 
 def cell_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
@@ -169,9 +180,30 @@ def run_study(study: Study, after_cell=None) -> None:
         record = {"arm": arm.name, "seed": seed, "preset": arm.preset, "overrides": arm.overrides,
                   "seconds": time.perf_counter() - t0, "reused_stages": reused, **collect_cell(run)}
         atomic_write_text(study.results / arm.name / f"seed-{seed}.json", json.dumps(record, indent=1) + "\n")
+        if not study.keep_checkpoints:
+            prune_checkpoints(run)
         durations.append(record["seconds"])
         if after_cell is not None:
             after_cell()
+
+
+def prune_checkpoints(run: Path) -> list[Path]:
+    """Delete the intermediate `checkpoint-*` folders of the cell's finished stages (those with
+    STAGE_DONE); the one that each stage's `final` points to stays, for later stages and for
+    reuse by other arms. A matrix then keeps a few GB per cell instead of tens (a study filled
+    a disk with them)."""
+    import shutil
+
+    from spa_rl.artifacts import final_model
+
+    removed = []
+    for done in sorted(run.glob("*/STAGE_DONE")):
+        keep = final_model(done.parent).resolve()
+        for ckpt in sorted(done.parent.glob("checkpoint-*")):
+            if ckpt.is_dir() and ckpt.resolve() != keep:
+                shutil.rmtree(ckpt)
+                removed.append(ckpt)
+    return removed
 
 
 def _cell_configs(study: Study, arm: Arm, seed: int, run: Path) -> dict:
@@ -302,6 +334,8 @@ def write_results(study: Study, command: str) -> Path:
                      + (f", overrides `{' '.join(arm.overrides)}`" if arm.overrides else ""))
     if _plot_curves(study, results, study.results / "curves.png"):
         lines += ["", "![validation Pass@1 over PPO steps, mean over seeds with min-max band](curves.png)"]
+    if study.conclusion:  # the authors' reading of the numbers, from the experiment file
+        lines += ["", "## Conclusion", "", study.conclusion]
     path = study.results / "RESULTS.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

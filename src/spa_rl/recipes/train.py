@@ -389,6 +389,15 @@ def add_advantages(batch: PPOBatch, cfg: Config) -> None:
 
 
 # ---- 6. update -------------------------------------------------------------------------------
+def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """`order` cut into mini-batches of `size`, each in batch order. The shuffle decides which
+    episodes share an optimizer step; within one, the order does not change the gradient (every
+    micro-batch's loss has the mini-batch's denominator), and batch order puts the samples of a
+    level side by side, so that a micro-batch packs their shared prompt once
+    (`training.pack_rows`)."""
+    return [order[m:m + size].sort().values for m in range(0, len(order), size)]
+
+
 def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config, generator,
                rt) -> dict:
     """Mini-batch updates over the kept episodes, `ppo_epochs` times; returns mean stats.
@@ -412,9 +421,7 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
             stats.setdefault(f"{prefix}/{k}", []).append(float(v))
 
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator)
-        for m in range(0, B, mb):
-            mb_idx = order[m:m + mb]
+        for mb_idx in minibatches(torch.randperm(B, generator=generator), mb):
             denominator = loss_denominator(batch.mask[mb_idx], cfg.loss_agg)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ unbiased estimator over each level's n samples.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -73,7 +74,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, split: str = "val", show_progres
     from spa_rl.tokens import ChatTokenizer
 
     chat = ChatTokenizer(tokenizer)
-    backend = make_backend(model, tokenizer, cfg.sampling, cfg.seed, model_name=cfg.model.name, dtype=cfg.model.dtype,
+    sampling = cfg.sampling
+    if cfg.eval.temperature is not None:
+        sampling = dataclasses.replace(sampling, temperature=cfg.eval.temperature)
+    backend = make_backend(model, tokenizer, sampling, cfg.seed, model_name=cfg.model.name, dtype=cfg.model.dtype,
                            cache=backend_cache)
     episodes = make_level_episodes(cfg.env, cfg.episode, split, cfg.eval.first_level, cfg.eval.levels,
                                    cfg.eval.samples)
@@ -85,7 +89,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, split: str = "val", show_progres
         bar.refresh()
 
     t0 = time.perf_counter()
-    rollouts = run_rollouts(episodes, backend, chat, sampling_params(cfg.sampling), cfg.episode.max_context_tokens,
+    rollouts = run_rollouts(episodes, backend, chat, sampling_params(sampling), cfg.episode.max_context_tokens,
                             on_turn)
     bar.n = len(episodes)
     bar.close()
