@@ -171,8 +171,9 @@ class EvalSection:
     samples: int = option(8, "episodes per level (n for Pass@k)")
     first_level: int = option(0, "index of the first level in the validation seed stream")
     temperature: float | None = option(None, "sampling temperature of the evaluation (0 = greedy); unset: the "
-                                              "sampling section's. Greedy validation of a training run "
-                                              "compares two checkpoints without the sampler's noise")
+                                              "sampling section's. Greedy removes the sampler's noise, but a "
+                                              "small model trained at T = 1 can loop greedily where sampling "
+                                              "does not")
 
     def check(self) -> list[str]:
         errors = _at_least(self, 1, "levels", "samples") + _at_least(self, 0, "first_level")

@@ -103,7 +103,9 @@ def test_prune_checkpoints_only_in_finished_stages(tmp_path):
                                           ("seeds: one\narms: {a: {}}\nruns: r\nresults: s\n", "seeds"),
                                           ("arms: {a: {preset: cpu-small}}\n", "runs"),
                                           ("arms: {a: {preset: cpu-small}}\nruns: r\nresults: s\nconclusion: [1]\n",
-                                           "conclusion")])
+                                           "conclusion"),
+                                          ("arms: {a: {preset: cpu-small}}\nruns: r\nresults: s\nkeep_checkpoints: no please\n",
+                                           "keep_checkpoints")])
 def test_bad_files_fail_by_name(tmp_path, text, needle):
     (tmp_path / "s.yaml").write_text(text)
     res = spa("experiment", str(tmp_path / "s.yaml"))

@@ -116,10 +116,12 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(conclusion, str):
         raise ConfigError(f"{path}: conclusion must be text (what the results say, kept in RESULTS.md), "
                           f"got {type(conclusion).__name__}")
+    if not isinstance(data.get("keep_checkpoints", False), bool):
+        raise ConfigError(f"{path}: keep_checkpoints must be true or false, got {data['keep_checkpoints']!r}")
     return Study(name=data.get("name", path.stem), env=data.get("env", "sokoban"), env_options=data.get("env_options"),
                  model=data.get("model"), seeds=seeds, arms=arms, runs=base / data["runs"],
                  results=base / data["results"], source=path, conclusion=conclusion.strip(),
-                 keep_checkpoints=bool(data.get("keep_checkpoints", False)))
+                 keep_checkpoints=data.get("keep_checkpoints", False))
 
 
 def cell_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
