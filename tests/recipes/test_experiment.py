@@ -91,6 +91,7 @@ def test_prune_checkpoints_only_in_finished_stages(tmp_path):
         for folder in ("checkpoint-epoch-1", "checkpoint-epoch-2"):
             (tmp_path / stage / folder).mkdir(parents=True)
             (tmp_path / stage / folder / "model.safetensors").write_text("x")
+            (tmp_path / stage / folder / "COMPLETE").write_text("")
         (tmp_path / stage / "final").symlink_to("checkpoint-epoch-2")
         if done:
             (tmp_path / stage / "STAGE_DONE").write_text("1.0 seconds\n")

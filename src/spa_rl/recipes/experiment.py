@@ -116,12 +116,13 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(conclusion, str):
         raise ConfigError(f"{path}: conclusion must be text (what the results say, kept in RESULTS.md), "
                           f"got {type(conclusion).__name__}")
-    if not isinstance(data.get("keep_checkpoints", False), bool):
-        raise ConfigError(f"{path}: keep_checkpoints must be true or false, got {data['keep_checkpoints']!r}")
+    keep_checkpoints = data.get("keep_checkpoints", False)
+    if not isinstance(keep_checkpoints, bool):
+        raise ConfigError(f"{path}: keep_checkpoints must be true or false, got {keep_checkpoints!r}")
     return Study(name=data.get("name", path.stem), env=data.get("env", "sokoban"), env_options=data.get("env_options"),
                  model=data.get("model"), seeds=seeds, arms=arms, runs=base / data["runs"],
                  results=base / data["results"], source=path, conclusion=conclusion.strip(),
-                 keep_checkpoints=data.get("keep_checkpoints", False))
+                 keep_checkpoints=keep_checkpoints)
 
 
 def cell_overrides(study: Study, arm: Arm, seed: int) -> list[str]:
@@ -196,13 +197,13 @@ def prune_checkpoints(run: Path) -> list[Path]:
     a disk with them)."""
     import shutil
 
-    from spa_rl.artifacts import final_model
+    from spa_rl.artifacts import final_model, list_checkpoints
 
     removed = []
     for done in sorted(run.glob("*/STAGE_DONE")):
         keep = final_model(done.parent).resolve()
-        for ckpt in sorted(done.parent.glob("checkpoint-*")):
-            if ckpt.is_dir() and ckpt.resolve() != keep:
+        for _, ckpt in list_checkpoints(done.parent):
+            if ckpt.resolve() != keep:
                 shutil.rmtree(ckpt)
                 removed.append(ckpt)
     return removed
