@@ -295,3 +295,23 @@ def test_random_play_keeps_invariants(name, seed, mode, budget, texts):
     json.dumps(ep.to_record())
     m = episode_metrics(ep)
     assert 0.0 <= m["valid_action_rate"] <= 1.0 and 0.0 <= m["effective_action_rate"] <= 1.0
+
+
+def test_progress_is_the_share_of_the_distance_closed():
+    """Episode.progress over the env's distance_to_goal: on "P__\\n_O_\\n__G" the goal is 4
+    moves away; two moves the right way close half, a hole or a move away earns 0, success 1."""
+    text = "P__\n_O_\n__G"
+    cases = [("Right || Right", 0.5), ("Right || Down", 0.0), ("Left", 0.0),
+             ("Right || Right || Down || Down", 1.0)]
+    for answer, progress in cases:
+        ep = Episode(level_env("frozenlake", text, is_slippery=False), 0, EpisodeConfig(max_turns=1))
+        ep.apply_response(base(answer))
+        assert ep.distances[0] == 4 and ep.progress == progress, answer
+    # no action executed: the distance is carried over, no progress
+    ep = Episode(level_env("frozenlake", text, is_slippery=False), 0, EpisodeConfig(max_turns=2))
+    ep.apply_response("no format")
+    assert ep.distances == [4, 4] and ep.progress == 0.0
+    # a game without a distance (Sudoku) has progress 0 unless solved
+    ep = Episode(level_env("sudoku", BOARD), 0, EpisodeConfig(max_turns=1))
+    ep.apply_response(base("1,2,2"))
+    assert ep.distances == [None, None] and ep.progress == 0.0

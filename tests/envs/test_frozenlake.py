@@ -248,3 +248,21 @@ def test_transitions_match_the_documented_rules(seed, actions):
         assert term == (expected == level.goal or expected in level.holes) and info["success"] == (expected == level.goal)
         if term:
             break
+
+
+def test_distance_to_goal_follows_the_path_around_the_holes():
+    """info["distance_to_goal"] is the shortest path around holes from the player: on MAP the
+    start is 5 moves away (Down, Down, Right, Right, Right), 0 on the goal, None in a hole."""
+    env = still()
+    _, info = env.reset()
+    assert info["distance_to_goal"] == 5 == shortest_path_length(env.level)
+    assert env.step("Down")[4]["distance_to_goal"] == 4
+    assert env.step("Up")[4]["distance_to_goal"] == 5  # a step back away from the goal
+    assert env.step("Right")[4]["distance_to_goal"] == 4  # (0,1): round the hole by (0,2), (1,2), (2,2)
+    for action in ("Left", "Down", "Down", "Right", "Right"):
+        info = env.step(action)[4]
+    assert info["distance_to_goal"] == 1
+    assert env.step("Right")[4]["distance_to_goal"] == 0
+    env.reset()
+    assert env.step("Down")[4]["distance_to_goal"] == 4
+    assert env.step("Right")[4]["distance_to_goal"] is None  # (1,1) is a hole

@@ -114,7 +114,8 @@ def test_invalid_action_text_changes_nothing():
     for text in ("Up.", "move up", "", "U", "upp", "Up Up"):
         state, reward, term, trunc, info = env.step(text)
         assert state == before and reward == 0.0 and not term and not trunc
-        assert info == {"success": False, "action_is_valid": False, "action_is_effective": False, "boxes_on_target": 0}
+        assert info == {"success": False, "action_is_valid": False, "action_is_effective": False, "boxes_on_target": 0,
+                        "distance_to_goal": 1}  # the box (1,3) is one cell from the target (2,3)
     assert env.steps == 0
     assert env.step("  rIGHT \n")[4]["action_is_valid"]
 
@@ -319,3 +320,16 @@ def test_transitions_match_an_independent_implementation(seed, actions):
         assert info["action_is_effective"] == moved
         if term:
             break
+
+
+def test_distance_to_goal_is_the_box_distance_to_the_nearest_target():
+    """Sokoban's info["distance_to_goal"]: sum over boxes of the Manhattan distance to the
+    nearest target; a push toward the target lowers it, 0 when solved."""
+    env = SokobanEnv.from_level_text("######\n#PX_O#\n######")  # box (1,2), target (1,4)
+    _, info = env.reset()
+    assert info["distance_to_goal"] == 2
+    assert env.step("Left")[4]["distance_to_goal"] == 2  # the player moves, the box does not
+    env.reset()
+    assert env.step("Right")[4]["distance_to_goal"] == 1
+    info = env.step("Right")[4]
+    assert info["success"] and info["distance_to_goal"] == 0

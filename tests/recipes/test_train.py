@@ -169,6 +169,27 @@ def test_world_model_reward_adds_the_exact_share(tmp_path):
         load_config(train.Config, {**SMALL, "world_model_reward": 0.5})
 
 
+def test_progress_reward_adds_the_weighted_progress():
+    """score = env score + weight x Episode.progress; a game without a distance is refused."""
+    from spa_rl.agent import Episode, EpisodeConfig
+    from spa_rl.envs import FrozenLakeEnv
+    from spa_rl.errors import ConfigError
+
+    env = FrozenLakeEnv.from_level_text("P__\n_O_\n__G", is_slippery=False)
+    ep = Episode(env, 0, EpisodeConfig(max_turns=1))
+    ep.apply_response("<think> ok </think> <answer> Right || Right </answer>")
+
+    class R:  # what score() reads of a rollout
+        episode = ep
+    assert ep.progress == 0.5 and ep.score == 0.0
+    assert train.score([R()], progress_reward=0.4).item() == pytest.approx(0.2)
+    assert train.score([R()]).item() == 0.0
+    with pytest.raises(ConfigError, match="progress_reward needs a game that reports"):
+        load_config(train.Config, {**SMALL, "env": "sudoku", "progress_reward": 0.5})
+    with pytest.raises(ConfigError, match="progress_reward must be >= 0"):
+        load_config(train.Config, {**SMALL, "progress_reward": -1})
+
+
 def test_ratio_uses_the_sampling_temperature(tmp_path):
     """At T = 0.7 the sampler's log-probs are those of logits / 0.7; the training forward scores
     at the same temperature, so with the sampler's log-probs as the old ones the first ratio is 1."""

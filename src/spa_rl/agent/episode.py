@@ -155,9 +155,12 @@ class Episode:
             self.config.action_budget if self.config.action_budget is not None else int(env.default_action_budget)
         )
 
-        env.reset(seed=level_seed)
+        _, reset_info = env.reset(seed=level_seed)
         self.variables = prompt_variables(env)
         self.states: list[str] = [env.render_text(self.config.render_mode)]
+        self.distances: list[int | None] = [reset_info.get("distance_to_goal")]
+        """The env's `info["distance_to_goal"]` at the start and after each turn (None where
+        the game reports none, or the goal cannot be reached: a FrozenLake hole)."""
         self.turns: list[TurnRecord] = []
         self.num_actions = 0
         self.success = False
@@ -201,6 +204,20 @@ class Episode:
         return self.total_reward
 
     @property
+    def progress(self) -> float:
+        """The share of the start's distance to the goal that the episode closed, in [0, 1]:
+        `(d_start - d_end) / d_start` over the env's `info["distance_to_goal"]`, clipped at 0
+        (moving away earns nothing, as standing still does). 1.0 on success; 0.0 where the game
+        reports no distance, the start is already at distance 0, or the episode ended where the
+        goal cannot be reached (a FrozenLake hole). Read by `train.progress_reward`."""
+        if self.success:
+            return 1.0
+        start, end = self.distances[0], self.distances[-1]
+        if not start or end is None:
+            return 0.0
+        return max(0.0, (start - end) / start)
+
+    @property
     def next_user_message(self) -> str | None:
         """The user message awaiting a response, or None once the episode is done."""
         if self.done:
@@ -240,6 +257,7 @@ class Episode:
         state_after = self.env.render_text(cfg.render_mode)
         grid_after = state_after if cfg.render_mode == "grid" else self.env.render_text("grid")
         self.states.append(state_after)
+        self.distances.append(info.get("distance_to_goal") if executed else self.distances[-1])
 
         record = TurnRecord(
             turn=len(self.turns) + 1,
@@ -303,6 +321,7 @@ class Episode:
                 "prompts_source": self.prompts.source,
                 "messages": self.messages,
                 "states": self.states,
+                "distances": self.distances,
                 "turns": [t.to_record() for t in self.turns],
                 "num_actions": self.num_actions,
                 "done": self.done,

@@ -26,10 +26,12 @@ from spa_rl.errors import ConfigError, UnknownEnvError
 
 ENV_NAMES = ("sokoban", "frozenlake", "sudoku")
 _CLASSES: dict[str, type[TextGameEnv]] = {"sokoban": SokobanEnv, "frozenlake": FrozenLakeEnv, "sudoku": SudokuEnv}
+GAMES_WITH_DISTANCE = tuple(name for name in ENV_NAMES if _CLASSES[name].reports_distance)
 GYMNASIUM_IDS = {"sokoban": "spa_rl/Sokoban-v0", "frozenlake": "spa_rl/FrozenLake-v0", "sudoku": "spa_rl/Sudoku-v0"}
 
 __all__ = [
     "ENV_NAMES",
+    "GAMES_WITH_DISTANCE",
     "GYMNASIUM_IDS",
     "RENDER_MODES",
     "FrozenLakeEnv",

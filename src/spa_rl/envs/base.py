@@ -84,6 +84,8 @@ class TextGameEnv(gymnasium.Env):
     name: ClassVar[str] = ""
     action_names: ClassVar[tuple[str, ...] | None] = None
     default_action_budget: ClassVar[int] = 10
+    reports_distance: ClassVar[bool] = False
+    """True where `info` carries `distance_to_goal` (a game-specific measure, 0 when solved)."""
     metadata: ClassVar[dict[str, Any]] = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
     def __init__(self, render_mode: str | None = "grid", max_steps: int | None = None) -> None:

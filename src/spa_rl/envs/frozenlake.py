@@ -76,10 +76,14 @@ def slip_outcomes(action: int, is_slippery: bool = True, success_rate: float = 1
 # ---- solvers ----------------------------------------------------------------------------------
 
 
-def shortest_path_length(level: FrozenLakeLevel) -> int | None:
-    """Fewest moves from start to goal avoiding holes, ignoring slips (None: no path)."""
-    dist = {level.start: 0}
-    queue = deque([level.start])
+def shortest_path_length(level: FrozenLakeLevel, start: Cell | None = None) -> int | None:
+    """Fewest moves from `start` (default: the level's) to the goal avoiding holes, ignoring
+    slips (None: no path, or `start` is a hole)."""
+    start = level.start if start is None else start
+    if start in level.holes:
+        return None
+    dist = {start: 0}
+    queue = deque([start])
     while queue:
         cell = queue.popleft()
         if cell == level.goal:
@@ -249,7 +253,10 @@ class FrozenLakeEnv(TextGameEnv):
 
     ## Rewards
     1.0 for the step that reaches the goal, else 0.0 (no step penalty). An episode's return is
-    1.0 on success and 0.0 otherwise.
+    1.0 on success and 0.0 otherwise. `info["distance_to_goal"]` (after `reset` and every
+    `step`) is the number of moves from the player to the goal along the shortest path around
+    the holes, ignoring slips: 0 on the goal, None in a hole. The agent's optional progress
+    reward reads it (`Episode.progress`); the env's own reward does not.
 
     ## Episode End
     - Termination: the player enters a hole (failure) or the goal (`info["success"] = True`).
@@ -279,6 +286,7 @@ class FrozenLakeEnv(TextGameEnv):
     name = "frozenlake"
     action_names = ACTION_NAMES
     default_action_budget = 10
+    reports_distance = True
 
     def __init__(
         self,
@@ -346,6 +354,7 @@ class FrozenLakeEnv(TextGameEnv):
     def _info(self, valid: bool, effective: bool) -> dict[str, Any]:
         info = super()._info(valid, effective)
         info["executed_action"] = None
+        info["distance_to_goal"] = shortest_path_length(self._map, self._player) if self._ready else None
         return info
 
     def _is_over(self) -> bool:

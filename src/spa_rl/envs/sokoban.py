@@ -433,7 +433,9 @@ class SokobanEnv(TextGameEnv):
     box is on a target. A solution of n actions whose last push solves the level returns
     -0.1 for each of the first n-1 actions and +10.9 at the end: a 3-action solution returns
     -0.1, -0.1, +10.9 (sum 10.7); in general the sum is `10.0 - 0.1 * n + (on - off)` where
-    on/off count the pushes onto and off targets.
+    on/off count the pushes onto and off targets. `info["distance_to_goal"]` (after `reset` and
+    every `step`) is the sum over boxes of the Manhattan distance to the nearest target, a lower
+    bound on the pushes left (0 when solved); the agent's optional progress reward reads it.
 
     ## Episode End
     - Termination: every box is on a target (`info["success"] = True`). There is no failure
@@ -473,6 +475,7 @@ class SokobanEnv(TextGameEnv):
     name = "sokoban"
     action_names = ACTION_NAMES
     default_action_budget = 10
+    reports_distance = True
 
     def __init__(
         self,
@@ -570,7 +573,19 @@ class SokobanEnv(TextGameEnv):
     def _info(self, valid: bool, effective: bool) -> dict[str, Any]:
         info = super()._info(valid, effective)
         info["boxes_on_target"] = self._on_target if self._ready else 0
+        info["distance_to_goal"] = self._box_distance() if self._ready else None
         return info
+
+    def _box_distance(self) -> int:
+        """Sum over boxes of the Manhattan distance to the nearest target: a lower bound on the
+        pushes left (0 when solved). Walls and dead corners are ignored."""
+        stride = self._board.stride
+        targets = [divmod(t, stride) for t in self._targets]
+        total = 0
+        for box in self._boxes:
+            r, c = divmod(box, stride)
+            total += min(abs(r - tr) + abs(c - tc) for tr, tc in targets)
+        return total
 
     def _is_over(self) -> bool:
         return self._on_target == self._num_boxes

@@ -6,7 +6,8 @@
 `main` is the algorithm; each numbered phase is a function below it:
   1. collect   roll out groups x group_size episodes with the current policy;
   2. score     summed env rewards plus format penalties, one score per episode (plus a
-               world-model reward for the VAGEN-style baseline, `world_model_reward`);
+               world-model reward for the VAGEN-style baseline, `world_model_reward`, and a
+               reward for progress toward the goal, `progress_reward`; both off by default);
   3. filter    keep the groups with the largest in-group score std (keep_ratio of them);
   4. old       old log-probs and values of the kept episodes, under the training forward;
   5. advantage token-level GAE with the critic (ppo, then whitened) or group-normalised scores (grpo);
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from spa_rl import envs
 from spa_rl.config import option, save_config, section
 from spa_rl.sections import EnvSection, EpisodeSection, EvalSection, ModelSection, OptimSection, SamplingSection
 
@@ -80,6 +82,11 @@ class Config:
     world_model_reward: float = option(0.0, "VAGEN-style baseline: add this weight x the episode's mean over turns "
                                             "of (exact observation + exact prediction) / 2 to its score (needs "
                                             "episode.mode world-model; 0 = off, SPA's setting)")
+    progress_reward: float = option(0.0, "add this weight x the episode's progress toward the goal (the share of "
+                                         "the start's distance to the goal it closed, in [0, 1]; the game's "
+                                         "info['distance_to_goal']) to its score: credit for moves the right way "
+                                         "in episodes that fail (0 = off, the paper's setting; validation and "
+                                         "evaluation score success only)")
     loss_tokens: str = option("assistant", "tokens the losses cover", choices=("assistant", "all-after-system"))
     loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-mean"))
     old_logprobs: str = option("recompute", "old log-probs: recompute (training forward) or rollout (sampler)",
@@ -113,6 +120,11 @@ class Config:
                           "and prediction)")
         if self.world_model_reward < 0:
             errors.append(f"world_model_reward must be >= 0, got {self.world_model_reward}")
+        if self.progress_reward < 0:
+            errors.append(f"progress_reward must be >= 0, got {self.progress_reward}")
+        elif self.progress_reward and self.env.name not in envs.GAMES_WITH_DISTANCE:
+            errors.append(f"progress_reward needs a game that reports info['distance_to_goal'] "
+                          f"({', '.join(envs.GAMES_WITH_DISTANCE)}); {self.env.name} does not")
         if self.mini_batch > self.kept_episodes:
             errors.append(f"mini_batch {self.mini_batch} exceeds the {self.kept_episodes} episodes kept per step "
                           f"(groups x group_size x keep_ratio)")
@@ -295,12 +307,15 @@ def sync_rollout_weights(models: Models) -> None:
 
 
 # ---- 2. score, 3. filter ---------------------------------------------------------------------
-def score(rollouts, world_model_reward: float = 0.0) -> torch.Tensor:
+def score(rollouts, world_model_reward: float = 0.0, progress_reward: float = 0.0) -> torch.Tensor:
     """Env rewards plus format penalties, per episode (the reference's filter input, SPEC 8.9),
-    plus, for the VAGEN-style baseline, a reward for exact state estimation and prediction."""
+    plus, for the VAGEN-style baseline, a reward for exact state estimation and prediction, and
+    optionally a reward for the progress toward the goal (`Episode.progress`)."""
     scores = [float(r.episode.score) for r in rollouts]
     if world_model_reward:
         scores = [s + world_model_reward * world_model_share(r.episode) for s, r in zip(scores, rollouts)]
+    if progress_reward:
+        scores = [s + progress_reward * r.episode.progress for s, r in zip(scores, rollouts)]
     return torch.tensor(scores)
 
 
@@ -586,6 +601,7 @@ def step_metrics(rollouts, scores, filter_stats, gap, trained_tokens, update_sta
         "rollout/score_mean": scores.mean().item(),
         "rollout/success": sum(bool(r.episode.success) for r in rollouts) / len(rollouts),
         "rollout/num_actions": sum(r.episode.num_actions for r in rollouts) / len(rollouts),
+        "rollout/progress": sum(r.episode.progress for r in rollouts) / len(rollouts),
         "rollout/response_tokens": n_tokens / len(rollouts),
         "rollout/truncated_turn_rate": (sum(t.finish_reason == "length" for r in rollouts for t in r.turns)
                                         / max(1, sum(len(r.turns) for r in rollouts))),
@@ -628,7 +644,7 @@ def main(cfg: Config) -> int:
         rollouts = rt.gather_shards(collect(models, cfg, step, rt))                  # 1 (every rank: all episodes)
         timing = {"time/rollout_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        scores = score(rollouts, cfg.world_model_reward)                             # 2
+        scores = score(rollouts, cfg.world_model_reward, cfg.progress_reward)        # 2
         kept, filter_stats = keep_groups(scores, cfg)                                # 3
         batch = build_batch([rollouts[i] for i in kept], scores[kept], models.chat, cfg,
                             models.tokenizer.pad_token_id).to(rt.device)
