@@ -144,15 +144,24 @@ def test_gymnasium_letters_are_accepted():
 
 
 @FAST
-@given(seed=st.integers(0, 2**40), size=st.sampled_from([2, 4, 6]), frozen=st.sampled_from([0.5, 0.8, 1.0]))
-def test_generated_maps_have_a_path(seed, size, frozen):
-    level = generate_frozenlake_map(seed, size, frozen)
+@given(seed=st.integers(0, 2**40), size=st.sampled_from([2, 4, 6]), frozen=st.sampled_from([0.5, 0.8, 1.0]),
+       layout=st.sampled_from(["random", "corners"]))
+def test_generated_maps_have_a_path(seed, size, frozen, layout):
+    level = generate_frozenlake_map(seed, size, frozen, layout=layout)
     assert (level.rows, level.cols) == (size, size)
     assert level.start != level.goal and level.start not in level.holes and level.goal not in level.holes
     assert shortest_path_length(level) is not None
     if frozen == 1.0:
         assert not level.holes
-    assert generate_frozenlake_map(seed, size, frozen) == level
+    if layout == "corners":  # gymnasium's layout
+        assert level.start == (0, 0) and level.goal == (size - 1, size - 1)
+    assert generate_frozenlake_map(seed, size, frozen, layout=layout) == level
+
+
+def test_random_layout_places_start_and_goal_anywhere():
+    """The default layout (the reference's) does not pin start and goal to the corners."""
+    levels = [generate_frozenlake_map(seed, 4) for seed in range(50)]
+    assert len({level.start for level in levels}) > 8 and len({level.goal for level in levels}) > 8
 
 
 def test_generator_rejects_bad_options():
@@ -162,6 +171,8 @@ def test_generator_rejects_bad_options():
         FrozenLakeEnv(success_rate=1.5)
     with pytest.raises(ConfigError, match="size"):
         FrozenLakeEnv(size=1)
+    with pytest.raises(ConfigError, match="layout: 'corner' is not one of random, corners"):
+        FrozenLakeEnv(layout="corner")
 
 
 # ---- solver: compare the DP with a plain recursive expectimax -----------------------------------

@@ -149,20 +149,30 @@ def success_probability(level: FrozenLakeLevel, budget: int, *, is_slippery: boo
 # ---- generator ------------------------------------------------------------------------------
 
 
-def generate_frozenlake_map(seed: int, size: int = 4, frozen_prob: float = 0.8, *, max_attempts: int = 100_000) -> FrozenLakeLevel:
+LAYOUTS = ("random", "corners")
+
+
+def generate_frozenlake_map(seed: int, size: int = 4, frozen_prob: float = 0.8, *, layout: str = "random",
+                            max_attempts: int = 100_000) -> FrozenLakeLevel:
     """The map of `seed`. Each attempt (randomness from `level_rng(seed)`, in this order):
-    every cell is frozen with probability `frozen_prob` (else a hole), then the start and the
-    goal are two uniform cells (row then column each); start == goal: next attempt. Start and
+    every cell is frozen with probability `frozen_prob` (else a hole), then, with `layout`
+    "random", the start and the goal are two uniform cells (row then column each); start ==
+    goal: next attempt. With "corners" the start is the top-left cell and the goal the
+    bottom-right one (gymnasium's `generate_random_map`) and nothing more is drawn. Start and
     goal are made frozen; the map is accepted if a path of 4-neighbour moves avoiding holes
-    leads from start to goal. Start and goal can be anywhere, as in the reference.
+    leads from start to goal. "random" (the default) places them anywhere, as the reference.
     """
     size = check_int("size", size, 2, 64)
     frozen_prob = _check_probability("frozen_prob", frozen_prob, allow_zero=False)
+    layout = _check_layout(layout)
     rng = level_rng(seed)
     for _ in range(max_attempts):
         frozen = rng.random((size, size)) < frozen_prob
-        start = tuple(int(x) for x in rng.integers(0, size, size=2))
-        goal = tuple(int(x) for x in rng.integers(0, size, size=2))
+        if layout == "corners":
+            start, goal = (0, 0), (size - 1, size - 1)
+        else:
+            start = tuple(int(x) for x in rng.integers(0, size, size=2))
+            goal = tuple(int(x) for x in rng.integers(0, size, size=2))
         if start == goal:
             continue
         holes = frozenset((r, c) for r in range(size) for c in range(size) if not frozen[r, c]) - {start, goal}
@@ -170,6 +180,12 @@ def generate_frozenlake_map(seed: int, size: int = 4, frozen_prob: float = 0.8, 
         if shortest_path_length(level) is not None:
             return level
     raise ConfigError(f"size={size}, frozen_prob={frozen_prob}: no map with a path in {max_attempts} attempts; raise frozen_prob")
+
+
+def _check_layout(value: Any) -> str:
+    if value not in LAYOUTS:
+        raise ConfigError(f"layout: {value!r} is not one of {', '.join(LAYOUTS)}")
+    return value
 
 
 def _check_probability(name: str, value: Any, allow_zero: bool) -> float:
@@ -267,6 +283,8 @@ class FrozenLakeEnv(TextGameEnv):
     - `render_mode`: `"grid"` (default) or `"grid+coords"`.
     - `size`: side of generated square maps, default 4 (>= 2).
     - `frozen_prob`: probability that a generated cell is frozen (else a hole), default 0.8.
+    - `layout`: where generated maps put start and goal: `"random"` (default, the reference:
+      anywhere) or `"corners"` (gymnasium's: start top-left, goal bottom-right).
     - `is_slippery`: default True; False makes every move go the intended way.
     - `success_rate`: probability of the intended direction when slippery, default 1/3; the
       rest is split evenly between the two perpendicular directions.
@@ -293,6 +311,7 @@ class FrozenLakeEnv(TextGameEnv):
         render_mode: str | None = "grid",
         size: int = 4,
         frozen_prob: float = 0.8,
+        layout: str = "random",
         is_slippery: bool = True,
         success_rate: float = 1 / 3,
         max_steps: int | None = None,
@@ -302,6 +321,7 @@ class FrozenLakeEnv(TextGameEnv):
         if not isinstance(is_slippery, bool):
             raise ConfigError(f"is_slippery: expected True or False, got {is_slippery!r}")
         self.frozen_prob = _check_probability("frozen_prob", frozen_prob, allow_zero=False)
+        self.layout = _check_layout(layout)
         self.is_slippery = is_slippery
         self.success_rate = _check_probability("success_rate", success_rate, allow_zero=True)
         self._set_observation_space(self.size, self.size)
@@ -314,7 +334,7 @@ class FrozenLakeEnv(TextGameEnv):
         return parse_frozenlake_level(text, source)
 
     def generate_level(self, seed: int) -> FrozenLakeLevel:
-        return generate_frozenlake_map(seed, self.size, self.frozen_prob)
+        return generate_frozenlake_map(seed, self.size, self.frozen_prob, layout=self.layout)
 
     @staticmethod
     def _level_shape(level: FrozenLakeLevel) -> tuple[int, int]:
