@@ -98,7 +98,8 @@ train: {steps: 1, groups: 2, group_size: 2, keep_ratio: 1.0, mini_batch: 0, mode
         assert (tmp_path / "demo" / stage / "STAGE_DONE").is_file()
     import yaml
     train = yaml.safe_load((tmp_path / "demo" / "train" / "config.yaml").read_text())
-    assert train["env"]["name"] == "frozenlake" and train["env"]["options"] == "{is_slippery: false}"
+    assert train["env"]["name"] == "frozenlake" and train["env"]["options"] == "{is_slippery: false, layout: corners}"
+    assert train["progress_reward"] == 0.5
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("[demo] Validation Pass@1 ") and "at step 0 -> " in last and "at step 1:" in last
     assert "the same 2 levels x 2 samples" in last

@@ -1,8 +1,9 @@
 """spa demo: RL that measurably learns on the embedded default model, what `make demo` runs.
 
 The `demo` preset (spa_rl/configs/demo.yaml, which says why each choice) on FrozenLake 4x4
-without slipping: solver episodes, a short SFT on them, then GRPO validated on the same 128 levels
-at the start and the end. About 18 minutes on 2 CPU cores from a fresh clone. Same as
+without slipping in gymnasium's layout: a format warm-up on random-policy episodes, then GRPO
+with a progress reward, validated on the same 128 levels at the start and the end. About 11
+minutes on 2 CPU cores from a fresh clone. Same as
 `spa pipeline --env frozenlake --preset demo --out DIR`, and then one line: validation Pass@1
 before and after RL, the change paired by level and whether it exceeds two standard errors.
 """
