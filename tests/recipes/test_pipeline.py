@@ -106,7 +106,7 @@ train: {steps: 1, groups: 2, group_size: 2, keep_ratio: 1.0, mini_batch: 0, mode
     assert last.replace("[demo] ", "") in (tmp_path / "demo" / "report.md").read_text().replace("**", "")
 
 
-@pytest.mark.parametrize("preset", ["cpu-small", "paper"])
+@pytest.mark.parametrize("preset", ["cpu-small-solver", "paper"])
 def test_full_presets_link_their_stages(tmp_path, preset):
     from spa_rl.recipes.pipeline import DEFAULT_STAGES, load_preset, stage_configs
 
@@ -146,11 +146,11 @@ def test_a_preset_file_bases_on_a_file_beside_it(tmp_path, monkeypatch):
 
 
 def test_warmup_stages_feed_self_play(tmp_path):
-    """cpu-small-self-play: the warm-up SFT trains the base model on the warm-up data, and
-    self-play and SFT start from its final model; the shared sections reach the warm-up too."""
+    """cpu-small (the default preset): the warm-up SFT trains the base model on the warm-up data,
+    and self-play and SFT start from its final model; the shared sections reach the warm-up too."""
     from spa_rl.recipes.pipeline import STAGES, load_preset, stage_configs
 
-    configs = stage_configs(load_preset("cpu-small-self-play"), "sokoban", "base", tmp_path,
+    configs = stage_configs(load_preset("cpu-small"), "sokoban", "base", tmp_path,
                             ["warmup-sft.seed=3"], env_options="{}")
     assert tuple(configs) == STAGES
     warm_gen, warm_sft = configs["warmup-generate"], configs["warmup-sft"]

@@ -1,6 +1,6 @@
 """spa pipeline: the whole SPA recipe in one command, resumable.
 
-    spa pipeline --env sokoban --preset cpu-small --out runs/pipeline       # what `make demo` runs
+    spa pipeline --env sokoban --preset cpu-small --out runs/pipeline       # self-play after a warm-up, on a CPU
     spa pipeline --env sokoban --preset paper --model Qwen/Qwen2.5-1.5B-Instruct --out runs/paper
 
 Stages, each in its own sub-folder of --out, in order:
@@ -65,7 +65,8 @@ DONE = "STAGE_DONE"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="sokoban", choices=ENV_NAMES, help="game (default: sokoban)")
     p.add_argument("--preset", default="cpu-small",
-                   help="cpu-small (embedded model, this laptop), paper (SPEC's numbers, GPU), or a YAML file")
+                   help="cpu-small (embedded model, this laptop: self-play after a format warm-up), cpu-small-solver "
+                        "(the same with the solver's play), paper (SPEC's numbers, GPU), or a YAML file")
     p.add_argument("--model", default=None, help="model to start from (default: the preset's)")
     p.add_argument("--env-options", default=None,
                    help="game options as YAML for every stage that plays, e.g. '{is_slippery: false}'")
