@@ -283,12 +283,12 @@ class FrozenLakeEnv(TextGameEnv):
     - `render_mode`: `"grid"` (default) or `"grid+coords"`.
     - `size`: side of generated square maps, default 4 (>= 2).
     - `frozen_prob`: probability that a generated cell is frozen (else a hole), default 0.8.
-    - `layout`: where generated maps put start and goal: `"random"` (default, the reference:
-      anywhere) or `"corners"` (gymnasium's: start top-left, goal bottom-right).
     - `is_slippery`: default True; False makes every move go the intended way.
     - `success_rate`: probability of the intended direction when slippery, default 1/3; the
       rest is split evenly between the two perpendicular directions.
     - `max_steps`: env step cap (truncation), default None.
+    - `layout`: where generated maps put start and goal: `"random"` (default, the reference:
+      anywhere) or `"corners"` (gymnasium's: start top-left, goal bottom-right).
 
     ## Deviations from the reference (RAGEN FrozenLake, gymnasium 1.x dynamics)
     - The map and the slips come from independent streams of the same seed (the reference
@@ -311,10 +311,10 @@ class FrozenLakeEnv(TextGameEnv):
         render_mode: str | None = "grid",
         size: int = 4,
         frozen_prob: float = 0.8,
-        layout: str = "random",
         is_slippery: bool = True,
         success_rate: float = 1 / 3,
         max_steps: int | None = None,
+        layout: str = "random",
     ) -> None:
         super().__init__(render_mode=render_mode, max_steps=max_steps)
         self.size = check_int("size", size, 2, 64)
