@@ -579,11 +579,11 @@ class SokobanEnv(TextGameEnv):
     def _box_distance(self) -> int:
         """Sum over boxes of the Manhattan distance to the nearest target: a lower bound on the
         pushes left (0 when solved). Walls and dead corners are ignored."""
-        stride = self._board.stride
-        targets = [divmod(t, stride) for t in self._targets]
+        cell = self._board.cell
+        targets = [cell(t) for t in self._targets]
         total = 0
         for box in self._boxes:
-            r, c = divmod(box, stride)
+            r, c = cell(box)
             total += min(abs(r - tr) + abs(c - tc) for tr, tc in targets)
         return total
 
