@@ -15,10 +15,11 @@ Baseline, measured in the same run: the same steps with `--sampling.backend hf`,
 forward that re-sends every context each turn (what the rollouts cost before the engine; the
 update is the same code on both sides). `--sweep 16,32,64` also times steps of those sizes, to
 show that a step's cost grows linearly with its episodes. `--update-baseline` also times the
-same steps at micro-batch 1 with shared prefixes off (SPA_RL_SHARE_PREFIXES=0; `pack_rows`), the
-update as the recipe ran it before prefixes were packed once, beside the update at
-`--micro-batch`, where the kept episodes of a micro-batch share their system prompt, and the
-samples of a level their whole first prompt.
+same steps with the update at micro-batch 1, shared prefixes off (SPA_RL_SHARE_PREFIXES=0;
+`pack_rows`) and a separate no-grad pass for the old log-probs and values
+(`fuse_old_pass=false`), as the recipe ran it before 2026-12-07 apart from two defaults that
+changed then: activation checkpointing (off on both sides) and the fused AdamW step (on both
+sides).
 
 The update phase (old log-probs, then the mini-batch updates) runs through
 `training.token_logprobs`: rows packed without padding, bf16 block attention, the fused LM-head
@@ -41,7 +42,8 @@ PHASES = ("time/rollout_s", "time/scoring_s", "time/update_s", "time/step_s")
 
 
 def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new_tokens: int | None = None,
-              max_turns: int | None = None, micro_batch: int | None = None, share_prefixes: bool = True) -> list[dict]:
+              max_turns: int | None = None, micro_batch: int | None = None, share_prefixes: bool = True,
+              **overrides) -> list[dict]:
     """`args.steps` PPO steps of `groups x group_size` episodes; the logged per-step rows."""
     from spa_rl.config import load_config
     from spa_rl.recipes import train
@@ -56,7 +58,7 @@ def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new
             sampling={"max_new_tokens": max_new_tokens or args.max_new_tokens, "backend": backend},
             episode={"max_turns": max_turns or args.max_turns},
             micro_batch=micro_batch or args.micro_batch,
-            eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out)))
+            eval={"levels": 1, "samples": 2}, eval_every=0, save_every=10**9, out=str(out), **overrides))
         train.main(cfg)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "time/step_s" in r]
@@ -90,8 +92,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1,
                     help="episodes per forward/backward in the update (the recipe's default is 1, the paper's)")
     ap.add_argument("--update-baseline", action="store_true",
-                    help="also run the same steps at micro-batch 1 with shared prefixes off (SPA_RL_SHARE_PREFIXES=0), "
-                         "the update as it ran before prefix sharing, and print the update-time ratio")
+                    help="also run the same steps at micro-batch 1 with shared prefixes off and a separate "
+                         "old-log-prob pass (fuse_old_pass=false) and print the update-time ratio")
     ap.add_argument("--sweep", default="", help="episode counts per step to time as well, e.g. 16,32,64")
     args = ap.parse_args()
 
@@ -116,9 +118,10 @@ def main() -> None:
                                "turn, every context re-sent)", run_steps(args, args.groups, "hf"), args.group_size)
     update_baseline = None
     if args.update_baseline:
-        update_baseline = print_steps("update baseline: the same steps at micro-batch 1, shared prefixes off",
-                                      run_steps(args, args.groups, "auto", micro_batch=1, share_prefixes=False),
-                                      args.group_size)
+        update_baseline = print_steps(
+            "update baseline: the same steps at micro-batch 1, shared prefixes off, a separate no-grad old pass",
+            run_steps(args, args.groups, "auto", micro_batch=1, share_prefixes=False, fuse_old_pass=False),
+            args.group_size)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print()
     if sweep:

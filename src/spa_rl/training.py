@@ -333,14 +333,19 @@ def _attention_block_forward(q, k, v, future, scale: float):
     compiled graph, where the integer 0 would get a graph of its own). Returns the output
     (Hkv, G, L, D) and the log-sum-exp of the scores (Hkv, G, L), float32, for the backward.
     Scores, softmax and its statistics are float32; the two matmuls run in the input dtype.
+    The softmax is normalised after the product with V, on the (L, D) output instead of the
+    (L, E) weights: one exp per score instead of two (`logsumexp`, then the weights), and one
+    pass over the scores fewer.
     """
     Hkv, G, L, D = q.shape
     E = k.shape[1]
     scores = torch.bmm(q.reshape(Hkv, G * L, D), k.transpose(1, 2)).float().view(Hkv, G, L, E) * scale
     scores = scores.masked_fill(future, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).to(q.dtype).view(Hkv, G * L, E)
-    return torch.bmm(probs, v).view(Hkv, G, L, D), lse
+    peak = scores.amax(dim=-1, keepdim=True)  # every query sees its own key: finite
+    weights = torch.exp(scores - peak)
+    total = weights.sum(dim=-1)
+    out = torch.bmm(weights.to(q.dtype).view(Hkv, G * L, E), v).view(Hkv, G, L, D)
+    return (out.float() / total[..., None]).to(q.dtype), peak[..., 0] + torch.log(total)
 
 
 def _attention_block_backward(q, k, v, grad_out, lse, delta, future, scale: float):
@@ -671,7 +676,13 @@ def adamw(model, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.01, eps: 
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
+    # The fused kernel (one pass over each tensor instead of a dozen elementwise operations per
+    # parameter): 0.05 s instead of 0.33 s per step for SmolLM2's 135M fp32 weights on 2 cores
+    # (docs/performance.md). The same update up to float rounding.
+    params = decay + no_decay
+    fused = bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps,
+                             fused=fused or None)
 
 
 def optimizer_and_schedule(model, optim, total_steps: int):

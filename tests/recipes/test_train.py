@@ -31,11 +31,42 @@ def step_rows(rows):
 
 @pytest.mark.parametrize("dtype", ["fp32", "auto"])
 def test_first_minibatch_ratio_is_exactly_one(tmp_path, dtype):
-    rows = step_rows(run_train(tmp_path, dtype, steps=1, **{"model.dtype": dtype}, eval_every=0))
+    # the separate no-grad pass (fuse_old_pass off): with it on, the ratio is 1 by construction
+    rows = step_rows(run_train(tmp_path, dtype, steps=1, fuse_old_pass=False, **{"model.dtype": dtype},
+                               eval_every=0))
     assert rows[0]["actor/ratio_mean"] == 1.0 and rows[0]["actor/ratio_max"] == 1.0
     assert rows[0]["actor/clipfrac"] == 0.0
     # the sampler's log-probs agree with the training forward up to kernel differences
     assert rows[0]["rollout/logprob_gap"] < (1e-4 if dtype == "fp32" else 0.1)
+
+
+@pytest.mark.parametrize("over", [{"algo": "ppo", "micro_batch": 2}, {"algo": "ppo", "micro_batch": 1, "kl_coef": 0.1},
+                                  {"algo": "grpo", "micro_batch": 1}, {"algo": "ppo", "old_logprobs": "rollout"}])
+def test_one_pass_update_equals_the_separate_old_pass(tmp_path, over):
+    """`fuse_old_pass` reads the old log-probs and values off the update's forwards: two steps
+    give the weights, critic and logged losses of the separate no-grad pass, in fp32."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for fuse in (True, False):
+        rows = step_rows(run_train(tmp_path, f"fuse-{fuse}", steps=2, eval_every=0, fuse_old_pass=fuse,
+                                   **{"model.dtype": "fp32"}, **over))
+        final = tmp_path / f"fuse-{fuse}" / "final"
+        weights = load_file(str(final / "model.safetensors"))
+        if over["algo"] == "ppo":
+            weights.update({f"critic.{k}": v for k, v in load_file(str(final / "critic.safetensors")).items()})
+        runs[fuse] = rows, weights
+    (rows_a, w_a), (rows_b, w_b) = runs[True], runs[False]
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(rows_a, rows_b):
+        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "critic/vf_loss", "critic/grad_norm",
+                    "rollout/logprob_gap", "rollout/score_mean"):
+            if key in a or key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # the runs trained (the comparison is not between two unchanged models)
+    assert rows_a[0]["actor/grad_norm"] > 0
 
 
 def test_run_writes_config_checkpoint_and_validation(tmp_path):

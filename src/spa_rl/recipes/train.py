@@ -92,9 +92,15 @@ class Config:
     old_logprobs: str = option("recompute", "old log-probs: recompute (training forward) or rollout (sampler)",
                                choices=("recompute", "rollout"))
     ppo_epochs: int = option(1, "passes over the kept episodes per step")
+    fuse_old_pass: bool = option(True, "with ppo_epochs 1 and one mini-batch of all kept episodes (the paper's "
+                                       "setting), read the old log-probs and values off the update's own "
+                                       "forwards instead of a separate no-grad pass: the same update, one actor "
+                                       "and one critic forward fewer per step (false: the separate pass)")
     mini_batch: int = option(0, "episodes per optimizer step (0 = all kept episodes)")
     micro_batch: int = option(1, "episodes per forward/backward (gradient accumulation)")
-    gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, one more "
+                                                 "forward per trained token (off: a SmolLM2 PPO step of 32 "
+                                                 "episodes peaks at 5.6 GiB without it, docs/performance.md)")
     rollout_seeding: str = option("rank", "rank: one sampler per step and rank, all its episodes decoded together "
                                           "(fast; the tokens depend on the number of processes); group: one "
                                           "sampler per group (level), groups decoded one after another (slower; "
@@ -422,19 +428,11 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
     gradient of the whole mini-batch, however it is split (tests/algorithms/test_losses.py).
     Over ranks: every rank holds the whole batch and draws the same order; each takes its share
     of a mini-batch's micro-batches, and the gradients are summed over ranks before clipping."""
-    from spa_rl.algorithms import actor_loss, loss_denominator, value_loss
-    from spa_rl.training import token_logprobs
+    from spa_rl.algorithms import loss_denominator
 
-    actor, critic = models.actor, models.critic
     B = len(batch)
     mb = cfg.mini_batch or B
-    temperature = scoring_temperature(cfg)
     stats: dict[str, list[float]] = {}  # this rank's, gathered at the end
-
-    def record(prefix, values):
-        for k, v in values.items():
-            stats.setdefault(f"{prefix}/{k}", []).append(float(v))
-
     for _ in range(cfg.ppo_epochs):
         for mb_idx in minibatches(torch.randperm(B, generator=generator), mb):
             denominator = loss_denominator(batch.mask[mb_idx], cfg.loss_agg)
@@ -442,34 +440,134 @@ def ppo_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBat
                 opt.zero_grad(set_to_none=True)
             for u in rt.shard(range(0, len(mb_idx), cfg.micro_batch)):
                 part = batch.select(mb_idx[u:u + cfg.micro_batch])
-                with rt.autocast():
-                    logprobs, entropy = token_logprobs(actor, part.input_ids, part.attention_mask, part.mask,
-                                                       temperature=temperature, return_entropy=True)
-                loss, pg_stats = actor_loss(logprobs, part.old_logprobs, part.advantages, part.mask, entropy,
-                                            cfg.entropy_coef, part.ref_logprobs, cfg.kl_coef, cfg.clip_low,
-                                            cfg.clip_high, cfg.dual_clip if cfg.dual_clip > 1 else None,
-                                            cfg.loss_agg, denominator)
-                loss.backward()
-                record("actor", pg_stats)
-                if critic is not None:
-                    with rt.autocast():
-                        values = critic(part.input_ids, part.attention_mask)
-                    vf_loss, vf_stats = value_loss(values, part.old_values, part.returns, part.mask,
-                                                   cfg.value_clip, cfg.loss_agg, denominator)
-                    vf_loss.backward()
-                    vf_stats["vf_loss"] = vf_loss.detach()
-                    record("critic", vf_stats)
-            for name, module, optim in (("actor", actor, cfg.optim), ("critic", critic, cfg.critic_optim)):
-                if module is None:
-                    continue
-                rt.sync_gradients(module, op="sum")  # each rank's share of the mini-batch's loss: their sum
-                clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-                if rt.is_main:  # the same on every rank after the sum: counted once
-                    record(name, {"grad_norm": grad_norm})
-                optimizers[name].step()
-                schedulers[name].step()
-    # the means over every micro-batch of every rank, as one process would take them
+                actor_backward(models.actor, part, part.old_logprobs, cfg, denominator, rt, stats)
+                if models.critic is not None:
+                    critic_backward(models.critic, part, part.old_values, part.returns, cfg, denominator, rt, stats)
+            optimizer_steps(models, optimizers, schedulers, cfg, rt, stats)
+    return mean_stats(stats, rt)
+
+
+def one_pass_update(models: Models, optimizers: dict, schedulers: dict, batch: PPOBatch, cfg: Config,
+                    rt) -> tuple[dict, float | None]:
+    """Phases 4-6 for one optimizer step over all kept episodes (`ppo_epochs` 1, one mini-batch:
+    the paper's setting), with the update's own forwards as the old ones. Before the only
+    optimizer step the weights are the sampling policy's, so the separate no-grad pass of
+    `old_outputs` would compute exactly the log-probs and values that the update's forwards
+    compute next: they are read off those instead, one actor and one critic forward fewer
+    per step, and the update is the one `old_outputs` + `ppo_update` make
+    (tests/recipes/test_train.py compares the two).
+
+    Order: the critic's micro-batches first (their values, detached, are the old values; GAE
+    is per episode, so each micro-batch's returns need only its own values), then the
+    advantages over the whole step (whitening needs every episode's), then the actor's
+    micro-batches, whose log-probs, detached, are the old ones: the ratio is 1. Returns the
+    stats and the log-prob gap to the sampler (None with `old_logprobs=rollout`)."""
+    from spa_rl.algorithms import loss_denominator
+
+    B = len(batch)
+    denominator = loss_denominator(batch.mask, cfg.loss_agg)
+    stats: dict[str, list[float]] = {}
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    micro_batches = [torch.arange(u, min(B, u + cfg.micro_batch)) for u in rt.shard(range(0, B, cfg.micro_batch))]
+    values = torch.zeros_like(batch.rewards)
+    if models.critic is not None:
+        for idx in micro_batches:
+            part = batch.select(idx)
+            own = critic_backward(models.critic, part, None, None, cfg, denominator, rt, stats)
+            values[idx] = own
+    rt.all_reduce(values, "sum")  # each rank filled its own rows
+    batch.old_values = values
+    if models.ref is not None:
+        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, rt, cfg.micro_batch, scoring_temperature(cfg))[0]
+    add_advantages(batch, cfg)
+    recompute = cfg.old_logprobs == "recompute"
+    logprobs = torch.zeros_like(batch.rewards)
+    for idx in micro_batches:
+        part = batch.select(idx)
+        old = None if recompute else part.rollout_logprobs * part.mask
+        logprobs[idx] = actor_backward(models.actor, part, old, cfg, denominator, rt, stats)
+    rt.all_reduce(logprobs, "sum")
+    batch.old_logprobs = logprobs if recompute else batch.rollout_logprobs * batch.mask
+    gap = None
+    if recompute:
+        mask = batch.mask
+        gap = (((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+    optimizer_steps(models, optimizers, schedulers, cfg, rt, stats)
+    return mean_stats(stats, rt), gap
+
+
+def one_pass(cfg: Config, kept: int) -> bool:
+    """Whether `one_pass_update` applies: one optimizer step over all `kept` episodes (and not
+    turned off by `fuse_old_pass`)."""
+    return cfg.fuse_old_pass and cfg.ppo_epochs == 1 and (cfg.mini_batch or kept) >= kept
+
+
+def actor_backward(actor, part: PPOBatch, old_logprobs, cfg: Config, denominator, rt, stats) -> torch.Tensor:
+    """The policy loss of one micro-batch, backward; returns its log-probs (detached, 0 off the
+    mask). `old_logprobs` None: the forward's own log-probs are the old ones (ratio 1)."""
+    from spa_rl.algorithms import actor_loss
+    from spa_rl.training import token_logprobs
+
+    with rt.autocast():
+        logprobs, entropy = token_logprobs(actor, part.input_ids, part.attention_mask, part.mask,
+                                           temperature=scoring_temperature(cfg), return_entropy=True)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    loss, pg_stats = actor_loss(logprobs, old, part.advantages, part.mask, entropy, cfg.entropy_coef,
+                                part.ref_logprobs, cfg.kl_coef, cfg.clip_low, cfg.clip_high,
+                                cfg.dual_clip if cfg.dual_clip > 1 else None, cfg.loss_agg, denominator)
+    loss.backward()
+    record(stats, "actor", pg_stats)
+    return logprobs.detach()
+
+
+def critic_backward(critic, part: PPOBatch, old_values, returns, cfg: Config, denominator, rt, stats) -> torch.Tensor:
+    """The clipped value loss of one micro-batch, backward; returns its values (detached, 0 off
+    the mask). `old_values` None: the forward's own values are the old ones, and the returns
+    are GAE's from them (per episode, so this micro-batch's values are all it needs)."""
+    from spa_rl.algorithms import gae, value_loss
+
+    with rt.autocast():
+        values = critic(part.input_ids, part.attention_mask)
+    own = values.detach() * part.mask
+    if old_values is None:
+        old_values, returns = own, gae(part.rewards, own, part.mask, cfg.gamma, cfg.lam)[1]
+    vf_loss, vf_stats = value_loss(values, old_values, returns, part.mask, cfg.value_clip, cfg.loss_agg, denominator)
+    vf_loss.backward()
+    vf_stats["vf_loss"] = vf_loss.detach()
+    record(stats, "critic", vf_stats)
+    return own
+
+
+def optimizer_steps(models: Models, optimizers: dict, schedulers: dict, cfg: Config, rt, stats) -> None:
+    """Sum the gradients over ranks, clip, step the optimizers and their schedules."""
+    for name, module, optim in (("actor", models.actor, cfg.optim), ("critic", models.critic, cfg.critic_optim)):
+        if module is None:
+            continue
+        rt.sync_gradients(module, op="sum")  # each rank's share of the mini-batch's loss: their sum
+        clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+        if rt.is_main:  # the same on every rank after the sum: counted once
+            record(stats, name, {"grad_norm": grad_norm})
+        optimizers[name].step()
+        schedulers[name].step()
+
+
+def train_mode(models: Models, on: bool) -> None:
+    """The actor and the critic in train (on) or eval mode. The critic's backbone is a copy of
+    the actor loaded in eval mode, so without this its activation checkpointing never acted."""
+    for module in (models.actor, models.critic):
+        if module is not None:
+            module.train(on)
+
+
+def record(stats: dict, prefix: str, values: dict) -> None:
+    for k, v in values.items():
+        stats.setdefault(f"{prefix}/{k}", []).append(float(v))
+
+
+def mean_stats(stats: dict, rt) -> dict:
+    """The means over every micro-batch of every rank, as one process would take them."""
     for part in rt.all_gather_object(stats)[1:]:
         for k, v in part.items():
             stats.setdefault(k, []).extend(v)
@@ -635,7 +733,7 @@ def main(cfg: Config) -> int:
              f"kept; steps {start}..{cfg.steps}; loss on {cfg.loss_tokens} tokens; "
              f"compute {runtime.dtype_name(rt.dtype)} on {rt.device}"
              + (f" x {rt.world_size} ranks ({rt.backend})" if rt.distributed else ""))
-    models.actor.eval()
+    train_mode(models, False)
     if start == 0:
         validate(models, cfg, 0, log, rt)
 
@@ -651,14 +749,19 @@ def main(cfg: Config) -> int:
         timing["time/scoring_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         release_rollout_memory(models)
-        gap = old_outputs(models, batch, cfg, rt)                                    # 4
-        add_advantages(batch, cfg)                                                   # 5
-        # 6. In train mode only for the update: with activation checkpointing, transformers
-        # turns the KV cache off in train mode, and sampling would decode without its context.
-        models.actor.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator, rt)
-        models.actor.eval()
+        # In train mode only for the update (activation checkpointing acts in train mode only;
+        # with it, transformers turns the KV cache off, and sampling would decode without its
+        # context).
+        if one_pass(cfg, len(batch)):                                                # 4-6 in one pass
+            train_mode(models, True)
+            update_stats, gap = one_pass_update(models, optimizers, schedulers, batch, cfg, rt)
+        else:
+            gap = old_outputs(models, batch, cfg, rt)                                # 4
+            add_advantages(batch, cfg)                                               # 5
+            train_mode(models, True)                                                 # 6
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            update_stats = ppo_update(models, optimizers, schedulers, batch, cfg, generator, rt)
+        train_mode(models, False)
         sync_rollout_weights(models)
         timing["time/update_s"] = time.perf_counter() - t2
         timing["time/step_s"] = time.perf_counter() - t0
