@@ -9,7 +9,9 @@
                world-model reward for the VAGEN-style baseline, `world_model_reward`, and a
                reward for progress toward the goal, `progress_reward`; both off by default);
   3. filter    keep the groups with the largest in-group score std (keep_ratio of them);
-  4. old       old log-probs and values of the kept episodes, under the training forward;
+  4. old       old log-probs and values of the kept episodes, under the training forward (with
+               one optimizer step per PPO step, the paper's setting, read off the update's own
+               forwards instead: `one_pass_update` runs 4-6 in one pass);
   5. advantage token-level GAE with the critic (ppo, then whitened) or group-normalised scores (grpo);
   6. update    mini-batch updates: critic (clipped value loss), actor (asymmetric + dual clip,
                entropy bonus, optional KL to the initial policy);
