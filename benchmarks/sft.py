@@ -41,8 +41,7 @@ PEAK_FLOPS = 2.5e12  # bf16 matmul peak of the project's CPUs on 2 threads (MODE
 
 
 def child_spa(rows, args, gradient_checkpointing: bool) -> dict:
-    import torch
-
+    from spa_rl import runtime
     from spa_rl.recipes import sft
     from spa_rl.tokens import ChatTokenizer
     from spa_rl.training import adamw, cosine_schedule
@@ -59,11 +58,10 @@ def child_spa(rows, args, gradient_checkpointing: bool) -> dict:
     optimizer = adamw(model, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, args.steps, 0)
     timed_tokens, timed_seconds, warmup_seconds, losses = 0, 0.0, 0.0, []
-    device = torch.device("cpu")
+    rt = runtime.setup(device="cpu", dtype=args.precision, distributed=False)  # what `spa sft` runs under
     for k in range(args.steps):
         batch = list(range(k * args.batch, (k + 1) * args.batch))
-        stats = sft.train_step(model, optimizer, scheduler, examples, batch, cfg, tokenizer.pad_token_id, device,
-                               args.precision)
+        stats = sft.train_step(model, optimizer, scheduler, examples, batch, cfg, tokenizer.pad_token_id, rt)
         losses.append(stats["loss"])
         if k >= args.warmup_steps:
             timed_tokens += stats["tokens"]
