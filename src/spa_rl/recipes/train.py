@@ -386,16 +386,23 @@ def old_outputs(models: Models, batch: PPOBatch, cfg: Config, rt) -> float | Non
     recompute = cfg.old_logprobs == "recompute"
     logprobs, values = forward_no_grad(models.actor if recompute else None, models.critic, batch, rt, cfg.micro_batch,
                                        scoring_temperature(cfg))
-    mask = batch.mask
-    gap = None
-    if recompute:
-        gap = (((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)).item()
-    batch.old_logprobs = logprobs if recompute else batch.rollout_logprobs * mask
+    batch.old_logprobs = logprobs if recompute else batch.rollout_logprobs * batch.mask
     batch.old_values = values
+    add_ref_logprobs(models, batch, cfg, rt)
+    return logprob_gap(logprobs, batch) if recompute else None
+
+
+def add_ref_logprobs(models: Models, batch: PPOBatch, cfg: Config, rt) -> None:
+    """The initial policy's log-probs, for the KL term (only with a reference model, kl_coef > 0)."""
     if models.ref is not None:
         batch.ref_logprobs = forward_no_grad(models.ref, None, batch, rt, cfg.micro_batch,
                                              scoring_temperature(cfg))[0]
-    return gap
+
+
+def logprob_gap(logprobs: torch.Tensor, batch: PPOBatch) -> float:
+    """Mean |training forward - sampler| log-prob over the covered tokens (`rollout/logprob_gap`)."""
+    mask = batch.mask
+    return (((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 # ---- 5. advantages ---------------------------------------------------------------------------
@@ -472,29 +479,26 @@ def one_pass_update(models: Models, optimizers: dict, schedulers: dict, batch: P
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     micro_batches = [torch.arange(u, min(B, u + cfg.micro_batch)) for u in rt.shard(range(0, B, cfg.micro_batch))]
-    values = torch.zeros_like(batch.rewards)
     if models.critic is not None:
+        values = torch.zeros_like(batch.rewards)
         for idx in micro_batches:
-            part = batch.select(idx)
-            own = critic_backward(models.critic, part, None, None, cfg, denominator, rt, stats)
-            values[idx] = own
-    rt.all_reduce(values, "sum")  # each rank filled its own rows
-    batch.old_values = values
-    if models.ref is not None:
-        batch.ref_logprobs = forward_no_grad(models.ref, None, batch, rt, cfg.micro_batch, scoring_temperature(cfg))[0]
+            values[idx] = critic_backward(models.critic, batch.select(idx), None, None, cfg, denominator, rt, stats)
+        rt.all_reduce(values, "sum")  # each rank filled its own rows
+        batch.old_values = values
+    add_ref_logprobs(models, batch, cfg, rt)
     add_advantages(batch, cfg)
     recompute = cfg.old_logprobs == "recompute"
+    if not recompute:
+        batch.old_logprobs = batch.rollout_logprobs * batch.mask  # else None: each forward's own
     logprobs = torch.zeros_like(batch.rewards)
     for idx in micro_batches:
         part = batch.select(idx)
-        old = None if recompute else part.rollout_logprobs * part.mask
-        logprobs[idx] = actor_backward(models.actor, part, old, cfg, denominator, rt, stats)
-    rt.all_reduce(logprobs, "sum")
-    batch.old_logprobs = logprobs if recompute else batch.rollout_logprobs * batch.mask
+        logprobs[idx] = actor_backward(models.actor, part, part.old_logprobs, cfg, denominator, rt, stats)
     gap = None
     if recompute:
-        mask = batch.mask
-        gap = (((logprobs - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+        rt.all_reduce(logprobs, "sum")
+        batch.old_logprobs = logprobs
+        gap = logprob_gap(logprobs, batch)
     optimizer_steps(models, optimizers, schedulers, cfg, rt, stats)
     return mean_stats(stats, rt), gap
 
