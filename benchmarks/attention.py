@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from spa_rl.rollout import kernels  # noqa: E402
+from spa_rl import kernels  # noqa: E402
 from spa_rl.rollout.kvcache import attention_with_lse  # noqa: E402
 
 SHAPES = [(16, 3, 3, 264), (16, 3, 3, 840), (64, 3, 3, 1024), (1, 3, 12, 576), (2, 3, 24, 663), (1, 3, 48, 524)]
@@ -48,7 +48,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; threads={torch.get_num_threads()}")
-    module = kernels.load_decode_attention()
+    module = kernels.load_cpu_kernels()
     if module is None:
         sys.exit("the decode-attention kernel is not available here (needs an AVX-512 CPU, g++ and ninja)")
     gbs = bandwidth_gbs()

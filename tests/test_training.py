@@ -166,8 +166,8 @@ def test_transformers_packed_mask_agrees_with_row_by_row_attention(tiny):
         assert torch.allclose(fast[b, :len(r)], alone, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, "blocks-fp32", torch.bfloat16, "autocast"])
-def test_packed_causal_attention_equals_sdpa_per_row(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, "blocks-fp32", torch.bfloat16, "autocast", "bf16-compiled"])
+def test_packed_causal_attention_equals_sdpa_per_row(dtype, monkeypatch):
     # Rows longer than one query block (256), a one-token row, grouped-query heads (4 query heads
     # on 2 key/value heads); outputs and gradients against PyTorch's causal sdpa on each row
     # alone, in float32 (bf16 inputs are compared with bf16-level tolerances).
@@ -177,7 +177,14 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     # "autocast": what a Llama layer hands over under bf16 autocast (q, k float32 after the
     # rotary embedding, v bfloat16), with the backward outside the autocast region
     # "blocks-fp32": the CPU block kernel (used for bf16) run in float32, to check its math
-    # tightly; plain float32 goes through sdpa row by row.
+    # tightly; plain float32 goes through sdpa row by row. bf16 runs the CPU kernels' softmax
+    # passes where the CPU has AVX-512; "bf16-compiled" the torch.compile'd blocks that serve
+    # elsewhere.
+    if dtype == "bf16-compiled":
+        import spa_rl.kernels
+
+        monkeypatch.setattr(spa_rl.kernels, "training_attention_ops", lambda *a: None)
+        dtype = torch.bfloat16
     dq, dv = {"autocast": (torch.float32, torch.bfloat16), "blocks-fp32": (torch.float32, torch.float32)}.get(
         dtype, (dtype, dtype))
     q = torch.randn(1, 4, N, 64, generator=g).to(dq).requires_grad_()
@@ -204,6 +211,54 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype):
     assert torch.allclose(out.float(), ref, atol=atol)
     for got, want in zip((q, k, v), leaves):
         assert torch.allclose(got.grad.float(), want.grad, atol=atol * 4), (got.shape, (got.grad.float() - want.grad).abs().max())
+
+
+@pytest.mark.skipif(not __import__("spa_rl.kernels").kernels.training_attention_ops(torch.bfloat16, "cpu"),
+                    reason="the CPU kernels need an AVX-512 CPU")
+@pytest.mark.parametrize("queries,keys", [(1, 1), (37, 37), (256, 256), (151, 1175), (256, 1200), (5, 300)])
+def test_cpu_kernel_blocks_compute_what_the_block_functions_compute(queries, keys):
+    """A query block (the last `queries` of `keys` positions) by the CPU kernels' passes
+    against the same block functions run eagerly, in bf16: the same steps and roundings, so
+    they differ only where fp32 sums run in another order or exp differs in its last bit, which
+    can move a bf16 result by one step (2^-8 relative)."""
+    from spa_rl import kernels
+    from spa_rl.training import (
+        _attention_block_backward,
+        _attention_block_backward_cpu,
+        _attention_block_forward,
+        _attention_block_forward_cpu,
+    )
+
+    ops = kernels.training_attention_ops(torch.bfloat16, "cpu")
+    g = torch.Generator().manual_seed(queries * 7 + keys)
+    q = torch.randn(3, 3, queries, 64, generator=g).bfloat16()
+    k = (2 * torch.randn(3, keys, 64, generator=g)).bfloat16()  # larger scores: a peaked softmax
+    v = torch.randn(3, keys, 64, generator=g).bfloat16()
+    grad_out = torch.randn(3, 3, queries, 64, generator=g).bfloat16()
+    out, lse = _attention_block_forward_cpu(ops, q, k, v, 0.125)
+    want_out, want_lse = _attention_block_forward(q, k, v, 0.125)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.allclose(lse, want_lse, atol=1e-5, rtol=1e-6)
+    assert torch.allclose(out.float(), want_out.float(), atol=2 ** -8, rtol=2 ** -7)
+    delta = (grad_out.float() * want_out.float()).sum(-1)
+    got = _attention_block_backward_cpu(ops, q, k, v, grad_out, want_lse, delta, 0.125)
+    want = _attention_block_backward(q, k, v, grad_out, want_lse, delta, 0.125)
+    for name, a, b in zip(("q", "k", "v"), got, want):
+        scale = b.float().abs().max()
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert (a.float() - b.float()).abs().max() <= 2 ** -7 * scale, (name, (a.float() - b.float()).abs().max(), scale)
+
+
+def test_cpu_kernel_blocks_refuse_bad_input():
+    from spa_rl import kernels
+
+    ops = kernels.training_attention_ops(torch.bfloat16, "cpu")
+    if ops is None:
+        pytest.skip("the CPU kernels need an AVX-512 CPU")
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.causal_softmax_(torch.zeros(1, 4, 4), 4, 1.0)
+    with pytest.raises(RuntimeError, match="a block of 3 queries cannot have 4 rows"):
+        ops.causal_softmax_(torch.zeros(1, 4, 4, dtype=torch.bfloat16), 3, 1.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

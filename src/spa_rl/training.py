@@ -14,9 +14,9 @@ The training forward (`token_logprobs`, `packed_hidden_states`), in the order it
    passes the flash-attention style `cu_seq_lens_*` row offsets; a model on sdpa is switched to
    `_packed_sdpa_attention`, which runs causal attention row by row (`packed_causal_attention`)
    and is plain sdpa for everything else (generation, masks, caches). On CPU the rows go through
-   a block kernel (`_PackedCausalAttention`) whose float32 softmax passes torch.compile fuses:
-   2.2x faster than PyTorch's CPU flash kernel for SmolLM2 rows. flash-attention models on a GPU
-   read the same offsets natively.
+   query blocks (`_PackedCausalAttention`): two oneDNN products each, with the float32 softmax
+   between them done by our CPU kernels (`spa_rl.kernels`) on AVX-512, or fused by
+   torch.compile elsewhere. flash-attention models on a GPU read the same offsets natively.
 3. The LM head only where a loss is taken. A causal LM's `forward` computes logits (B, T, V) for
    every position; with SmolLM2's 49,152-token vocabulary that tensor, its softmax and its
    gradient dominate training memory (MODELS.md), although only the positions whose next token
@@ -365,6 +365,45 @@ def _attention_block_backward(q, k, v, grad_out, lse, delta, scale: float):
     return grad_q, grad_k, grad_v
 
 
+def _attention_block_forward_cpu(ops, q, k, v, scale: float):
+    """`_attention_block_forward` with the softmax between the two products done by the CPU
+    kernels' `causal_softmax_` (spa_rl/kernels.py) in place on the bf16 scores: the same
+    steps and roundings, each score read and written once. Compiled by inductor, that softmax
+    loop had taken longer than the block's two products."""
+    Hkv, G, L, D = q.shape
+    scores = torch.bmm(q.reshape(Hkv, G * L, D), k.transpose(1, 2))
+    total, lse = ops.causal_softmax_(scores, L, scale)  # scores now hold the weights
+    out = torch.bmm(scores, v).view(Hkv, G, L, D)
+    return (out.float() / total.view(Hkv, G, L, 1)).to(q.dtype), lse.view(Hkv, G, L)
+
+
+def _attention_block_backward_cpu(ops, q, k, v, grad_out, lse, delta, scale: float):
+    """`_attention_block_backward` with its elementwise part (probabilities from the saved
+    log-sum-exp, masked; the scores' gradient) done by `causal_softmax_backward_` in place."""
+    Hkv, G, L, D = q.shape
+    q2, do2 = q.reshape(Hkv, G * L, D), grad_out.reshape(Hkv, G * L, D)
+    probs = torch.bmm(q2, k.transpose(1, 2))  # the scores until the kernel turns them into P
+    grad_s = torch.bmm(do2, v.transpose(1, 2))  # dP until the kernel turns it into dS
+    ops.causal_softmax_backward_(probs, grad_s, lse.reshape(Hkv, G * L).contiguous(),
+                                 delta.reshape(Hkv, G * L).contiguous(), L, scale)
+    grad_v = torch.bmm(probs.transpose(1, 2), do2)
+    grad_q = torch.bmm(grad_s, k).view(Hkv, G, L, D)
+    grad_k = torch.bmm(grad_s.transpose(1, 2), q2)
+    return grad_q, grad_k, grad_v
+
+
+def _block_functions(dtype: torch.dtype, device: torch.device):
+    """The forward and backward of one query block for products in `dtype` on `device`: the
+    CPU kernels' passes where they apply (bf16 on an AVX-512 CPU), else the torch.compile'd
+    blocks (`_kernel`)."""
+    from spa_rl.kernels import training_attention_ops
+
+    ops = training_attention_ops(dtype, device)
+    if ops is None:
+        return _kernel(_attention_block_forward), _kernel(_attention_block_backward)
+    return (lambda *a: _attention_block_forward_cpu(ops, *a)), (lambda *a: _attention_block_backward_cpu(ops, *a))
+
+
 def _future_mask(length: int, keys: int, device) -> torch.Tensor:
     """(length, keys) bool: True where key j comes after query i of a block whose queries are
     the last `length` of `keys` positions."""
@@ -447,7 +486,7 @@ class _PackedCausalAttention(torch.autograd.Function):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        block = _kernel(_attention_block_forward)
+        block = _block_functions(dtype, q.device)[0]
         with torch.autocast(q.device.type, enabled=False):
             for _, s, e, keys, values in _query_blocks(k, v, bounds, contexts):
                 out[:, :, s:e], lse[:, :, s:e] = block(q[:, :, s:e], keys, values, scale)
@@ -463,7 +502,7 @@ class _PackedCausalAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        block = _kernel(_attention_block_backward)
+        block = _block_functions(q.dtype, q.device)[1]
         for key_spans, s, e, keys, values in _query_blocks(k, v, ctx.bounds, ctx.contexts):
             gq, gk, gv = block(q[:, :, s:e], keys, values, grad_out[:, :, s:e], lse[:, :, s:e], delta[:, :, s:e],
                                ctx.scale)
@@ -483,9 +522,10 @@ def packed_causal_attention(query, key, value, cu_seqlens, scale: float, context
     (grouped-query heads: query head h reads key/value head h // (H / Hkv)), cu_seqlens (R+1,)
     row offsets. Returns (1, H, N, D).
 
-    CPU in bf16/fp16 (autocast or half inputs): `_PackedCausalAttention` (compiled query
-    blocks), 1.1-2.2x faster than the CPU flash kernel, forward plus backward, on SmolLM2 and
-    tiny-model rows. Otherwise `scaled_dot_product_attention` on each row: the fused causal
+    CPU in bf16/fp16 (autocast or half inputs): `_PackedCausalAttention` (query blocks; with
+    torch.compile'd softmax passes 1.1-2.2x faster than the CPU flash kernel, forward plus
+    backward, on SmolLM2 and tiny-model rows, and faster again with the CPU kernels' passes in
+    bf16: docs/performance.md). Otherwise `scaled_dot_product_attention` on each row: the fused causal
     kernel (in float32 the CPU flash kernel was the faster one, 1.3-1.9x, and a GPU's flash
     kernels are fast), or, for a row with a context, an explicit mask that lets every query see
     the whole context."""

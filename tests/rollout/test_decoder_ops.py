@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spa_rl.rollout import kernels
+from spa_rl import kernels
 from spa_rl.rollout.llama import LlamaDecoder
 
 pytestmark = pytest.mark.skipif(not kernels._cpu_has_avx512() or not kernels.kernel_enabled(),
@@ -22,7 +22,7 @@ EPS = 1e-5
 
 @pytest.fixture(scope="module")
 def ops():
-    module = kernels.load_decode_attention()
+    module = kernels.load_cpu_kernels()
     assert module is not None, "the extension did not build on an AVX-512 machine"
     return module
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from spa_rl.models.tiny import build_byte_tokenizer, build_tiny_model
-from spa_rl.rollout import kernels, kvcache
+from spa_rl import kernels
+from spa_rl.rollout import kvcache
 from spa_rl.rollout.backend import HFBackend, SamplingParams
 
 SYSTEM = "<|im_start|>system\nYou are a careful agent that plays grid games turn by turn.<|im_end|>\n"

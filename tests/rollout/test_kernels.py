@@ -1,4 +1,4 @@
-"""The AVX-512 decode-attention kernel (rollout/kernels.py) computes what PyTorch's flash kernel
+"""The AVX-512 decode-attention kernel (spa_rl/kernels.py) computes what PyTorch's flash kernel
 computes, on the shapes the engine gives it: strided views of the cache buffers, rows of
 different lengths, a row with no keys, and any number of queries per KV head (more than 16
 are split into chunks, each its own work item).
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spa_rl.rollout import kernels
+from spa_rl import kernels
 from spa_rl.rollout.kvcache import attention_with_lse
 
 pytestmark = pytest.mark.skipif(not kernels._cpu_has_avx512() or not kernels.kernel_enabled(),
@@ -29,14 +29,14 @@ pytestmark = pytest.mark.skipif(not kernels._cpu_has_avx512() or not kernels.ker
 
 @pytest.fixture(scope="module")
 def decode_attention():
-    module = kernels.load_decode_attention()
+    module = kernels.load_cpu_kernels()
     assert module is not None, "the kernel did not build on an AVX-512 machine"
     return module.decode_attention
 
 
 @pytest.fixture(scope="module")
 def decode_attention_with_prefix():
-    return kernels.load_decode_attention().decode_attention_with_prefix
+    return kernels.load_cpu_kernels().decode_attention_with_prefix
 
 
 def reference(q, k, v, lens, scale):
@@ -120,15 +120,15 @@ def test_the_engine_uses_the_kernel_only_where_it_applies():
 def test_a_built_kernel_is_imported_from_the_cache(decode_attention):
     """Once built (by the fixture, in this process or an earlier one), a new process imports the
     library from its cache folder instead of building again, and no scratch folder is left."""
-    code = "from spa_rl.rollout import kernels; print(kernels.load_decode_attention().__file__)"
+    code = "from spa_rl import kernels; print(kernels.load_cpu_kernels().__file__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert Path(done.stdout.strip()).parent == kernels._cache_dir()
     assert not list(kernels._cache_dir().parent.glob(kernels._cache_dir().name + ".building-*"))
 
 
 def test_the_kernel_can_be_switched_off():
-    code = "from spa_rl.rollout import kernels; print(kernels.load_decode_attention())"
-    env = {**os.environ, "SPA_RL_DECODE_KERNEL": "0"}
+    code = "from spa_rl import kernels; print(kernels.load_cpu_kernels())"
+    env = {**os.environ, "SPA_RL_CPU_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
     assert done.stdout.strip() == "None"
 
@@ -138,10 +138,10 @@ def test_the_variant_without_bf16_dot_products_agrees():
     score loop; build that variant in a subprocess and check it against the flash kernel."""
     code = """
 import torch
-from spa_rl.rollout import kernels
+from spa_rl import kernels
 from spa_rl.rollout.kvcache import attention_with_lse
 assert "-mavx512bf16" not in kernels._cflags()
-module = kernels.load_decode_attention()
+module = kernels.load_cpu_kernels()
 g = torch.Generator().manual_seed(5)
 q = torch.randn(6, 3, 7, 64, generator=g).bfloat16()  # 7 queries: score blocks of 4 and 3
 k = torch.randn(6, 3, 300, 64, generator=g).bfloat16()
@@ -152,7 +152,7 @@ out, lse = module.decode_attention(q, k, v, lens, 0.125)
 ref_out, ref_lse = attention_with_lse(q, k, v, mask, 0.125)
 print((out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
 """
-    env = {**os.environ, "SPA_RL_DECODE_KERNEL": "avx512f"}
+    env = {**os.environ, "SPA_RL_CPU_KERNELS": "avx512f"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out_gap, lse_gap = map(float, done.stdout.split())

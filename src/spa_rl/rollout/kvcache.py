@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spa_rl.rollout.kernels import decode_kernel_for
+from spa_rl.kernels import decode_kernel_for
 
 GROW_ROUND = 128  # capacities are rounded up to this many tokens
 NEG_INF = float("-inf")

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from spa_rl.rollout.kernels import decoder_ops_for
+from spa_rl.kernels import decoder_ops_for
 
 # Architectures whose HF forward is exactly: embed -> [RMSNorm, GQA attention with RoPE,
 # residual, RMSNorm, SwiGLU MLP, residual] x L -> RMSNorm -> head.

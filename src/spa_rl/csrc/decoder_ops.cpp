@@ -1,5 +1,5 @@
 // The small operations of a Llama decoder layer, fused, for the rollout engine on x86 CPUs with
-// AVX-512 (built with decode_attention.cpp into one extension by spa_rl/rollout/kernels.py).
+// AVX-512 (built with decode_attention.cpp into one extension by spa_rl/kernels.py).
 //
 // Why: at 16 rows, a decode step's norms, rotary embedding, SiLU and residual adds are about 25
 // PyTorch operations per layer, each a few microseconds of dispatch for a few thousand numbers

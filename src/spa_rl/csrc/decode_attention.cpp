@@ -1,5 +1,5 @@
 // Decode attention for the rollout engine on x86 CPUs with AVX-512 (built at first use by
-// spa_rl/rollout/kernels.py; see docs/performance.md for why a kernel of our own).
+// spa_rl/kernels.py; see docs/performance.md for why a kernel of our own).
 //
 // Each (row, KV head) pair attends its G query heads (GQA: the heads that share one KV head) to
 // its keys, which are up to two ranges: the row's shared prompt prefix (a "segment" of the
@@ -339,9 +339,11 @@ std::vector<at::Tensor> decode_attention_with_prefix(const at::Tensor& q, const 
 }
 
 void register_decoder_ops(pybind11::module& m);  // decoder_ops.cpp
+void register_training_attention(pybind11::module& m);  // training_attention.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decoder_ops(m);
+  register_training_attention(m);
   m.def("decode_attention", &decode_attention, "decode attention over bf16 K/V (AVX-512)");
   m.def("decode_attention_with_prefix", &decode_attention_with_prefix,
         "decode attention over a shared prefix and private bf16 K/V, one softmax (AVX-512)");

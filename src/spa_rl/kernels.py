@@ -1,25 +1,38 @@
-"""A decode-attention kernel of our own for x86 CPUs with AVX-512, built at first use.
+"""CPU kernels of our own for x86 processors with AVX-512, built at first use: the rollout
+engine's decode attention and fused layer operations, and the training attention's softmax
+passes. One C++ extension (`csrc/`), used by `spa_rl.rollout` (decoding) and `spa_rl.training`
+(the packed causal attention of SFT and PPO updates).
 
-Why: a decode step attends each sequence's 3 query heads per KV head (SmolLM2's GQA) to its
-cached keys. PyTorch's CPU flash-attention kernel (`_scaled_dot_product_flash_attention_for_cpu`)
-is built for many queries per block and ran these shapes at 3-5x their memory-read bound here;
-torch.compile of the same math (inductor C++) reached 1.3-1.8x the flash kernel, the plain
-matmul formula less. `csrc/decode_attention.cpp` reads each key and value once per (row, KV
-head), the row's shared prompt prefix and then its private keys under one softmax (no separate
-prefix attention and merge), with bf16 dot products where the CPU has AVX512_BF16 (scores
-summed in fp32; the weighted sum of V over weights rounded to bf16, as the flash kernel rounds
-them) and fp32 FMAs elsewhere, and ran 2.5-8.7x faster than the flash kernel on the engine's
-shapes (docs/performance.md has the measurements; `benchmarks/attention.py` reproduces them).
+Decode attention (`csrc/decode_attention.cpp`). A decode step attends each sequence's 3 query
+heads per KV head (SmolLM2's GQA) to its cached keys. PyTorch's CPU flash-attention kernel
+(`_scaled_dot_product_flash_attention_for_cpu`) is built for many queries per block and ran
+these shapes at 3-5x their memory-read bound here; torch.compile of the same math (inductor
+C++) reached 1.3-1.8x the flash kernel, the plain matmul formula less. The kernel reads each
+key and value once per (row, KV head), the row's shared prompt prefix and then its private keys
+under one softmax (no separate prefix attention and merge), with bf16 dot products where the
+CPU has AVX512_BF16 (scores summed in fp32; the weighted sum of V over weights rounded to bf16,
+as the flash kernel rounds them) and fp32 FMAs elsewhere, and ran 2.5-8.7x faster than the
+flash kernel on the engine's shapes (docs/performance.md has the measurements;
+`benchmarks/attention.py` reproduces them). `csrc/decoder_ops.cpp` fuses a decoder layer's
+small operations (norms, rotary embedding, SiLU product).
+
+Training attention (`csrc/training_attention.cpp`). The training forward's causal attention
+runs in query blocks whose two products are oneDNN batched matmuls; between them lie the
+block's softmax (forward) and its elementwise backward. Compiled by inductor those passes took
+more time than the products (1.8 ms for a 256 x 1,200 block against 1.7 ms for its products);
+written by hand, with the causal mask as a per-row count of visible keys, they take a fraction
+of it (training.py, docs/performance.md).
 
 It is compiled by `torch.utils.cpp_extension.load` (g++ and ninja, the same toolchain
-torch.compile needs on CPU) the first time a process decodes on an AVX-512 CPU (about 30 s), in
+torch.compile needs on CPU) the first time a process needs it on an AVX-512 CPU (about 40 s), in
 a private temporary folder that is then renamed into torch's extension cache under a name that
 hashes the source, the flags, the torch version and the Python version. Later processes import
 the built library at once, and a build killed half-way leaves no lock behind (torch's own
 shared build folder would make every later build wait on it). Where it cannot be built or run
-(no AVX-512, no compiler, other head sizes, `SPA_RL_DECODE_KERNEL=0`), the engine uses the
-flash kernel, with one warning when a build was attempted and failed. `SPA_RL_DECODE_KERNEL=avx512f`
-builds the variant for CPUs without the bf16 dot-product instructions (for its test).
+(no AVX-512, no compiler, other head sizes, `SPA_RL_CPU_KERNELS=0`), the engine uses PyTorch's
+flash kernel and training the torch.compile'd blocks, with one warning when a build was
+attempted and failed. `SPA_RL_CPU_KERNELS=avx512f` builds the variant for CPUs without the bf16
+dot-product instructions (for its test).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import torch
 
 HEAD_DIM = 64
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "decoder_ops.cpp"]  # one extension
+_SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "decoder_ops.cpp", _CSRC / "training_attention.cpp"]  # one extension
 _HEADERS = [_CSRC / "avx512_math.h"]
 _NAME = "spa_rl_cpu_kernels"
 
@@ -50,9 +63,11 @@ def _cflags() -> list[str]:
     # the libgomp.so.1 torch has already loaded (torch's Linux wheels ship GNU OpenMP under that
     # name); a torch built on another OpenMP would see a second runtime, correct but with its
     # own threads
-    flags = ["-O3", "-fopenmp", "-mavx512f", "-mfma"]
+    # (AVX512BW and VL for 16-bit masked loads and stores: ATen's AVX512 capability, which the
+    # build requires, implies them)
+    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
     try:
-        if os.environ.get("SPA_RL_DECODE_KERNEL") != "avx512f" and torch.cpu._is_avx512_bf16_supported():
+        if os.environ.get("SPA_RL_CPU_KERNELS") != "avx512f" and torch.cpu._is_avx512_bf16_supported():
             flags.append("-mavx512bf16")
     except AttributeError:
         pass
@@ -70,11 +85,11 @@ def _cpu_has_avx512() -> bool:
 
 
 def kernel_enabled() -> bool:
-    return os.environ.get("SPA_RL_DECODE_KERNEL", "1") != "0"
+    return os.environ.get("SPA_RL_CPU_KERNELS", "1") != "0"
 
 
-def load_decode_attention():
-    """The extension module (with `decode_attention`), or None where it is unavailable."""
+def load_cpu_kernels():
+    """The extension module, or None where it is unavailable."""
     global _module
     if _module is None:
         _module = False
@@ -82,8 +97,8 @@ def load_decode_attention():
             try:
                 _module = _build_or_import()
             except Exception as exc:  # no compiler or ninja, or the build failed
-                warnings.warn(f"the AVX-512 decode-attention kernel could not be built ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); using PyTorch's flash kernel")
+                warnings.warn(f"the AVX-512 CPU kernels could not be built ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); using PyTorch's kernels")
     return _module or None
 
 
@@ -125,7 +140,7 @@ def decoder_ops_for(dtype: torch.dtype, device: torch.device, widths: tuple[int,
     if (torch.device(device).type != "cpu" or dtype != torch.bfloat16 or any(w % 16 for w in widths)
             or head_dim % 32):
         return None
-    return load_decode_attention()
+    return load_cpu_kernels()
 
 
 def decode_kernel_for(dtype: torch.dtype, head_dim: int, device: torch.device):
@@ -133,4 +148,13 @@ def decode_kernel_for(dtype: torch.dtype, head_dim: int, device: torch.device):
     to attention in `dtype` with heads of `head_dim` on `device` (CPU, bf16, 64), else None."""
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or head_dim != HEAD_DIM:
         return None
-    return load_decode_attention()
+    return load_cpu_kernels()
+
+
+def training_attention_ops(dtype: torch.dtype, device: torch.device):
+    """The built extension's training-attention passes (`causal_softmax_`,
+    `causal_softmax_backward_`) for block products in `dtype` on `device` (CPU, bf16), else None
+    (training then runs the torch.compile'd blocks)."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return None
+    return load_cpu_kernels()
