@@ -7,6 +7,14 @@ K/V as views of larger cache buffers, rows of different lengths): batch 16 at 26
 tokens (single turn, third turn), batch 64 at 1,024 (an evaluation batch), and a group segment
 (12 queries over 576 tokens). Each line prints both times per call, the memory-read bound (K and
 V read once at the bandwidth measured in this run) and the ratio flash/kernel.
+
+    python benchmarks/attention.py --training [--rows 1100,1175,1250,1175] [--rounds 8]
+
+The training attention (`training.packed_causal_attention`, forward and backward) of one
+SmolLM2 layer (9 query heads on 3 KV heads, head size 64, bf16) over packed rows, with the
+softmax passes of the CPU kernels against the torch.compile'd blocks they replace (the baseline,
+and what runs where the kernels cannot), alternating, medians of `rounds`; last line
+`ratio compiled/kernels (forward + backward): N.NNx`.
 """
 
 from __future__ import annotations
@@ -46,8 +54,64 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def training(rows: list[int], rounds: int) -> None:
+    from spa_rl.training import packed_causal_attention
+
+    ops = kernels.training_attention_ops(torch.bfloat16, "cpu")
+    if ops is None:
+        sys.exit("the CPU kernels are not available here (needs an AVX-512 CPU, g++ and ninja)")
+    g = torch.Generator().manual_seed(0)
+    n = sum(rows)
+    cu = torch.tensor([0] + [sum(rows[:i + 1]) for i in range(len(rows))])
+    q = torch.randn(1, 9, n, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    k = torch.randn(1, 3, n, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    v = torch.randn(1, 3, n, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(1, 9, n, 64, generator=g).to(torch.bfloat16)
+    real = kernels.training_attention_ops
+    sides = {"compiled": lambda *a: None, "kernels": real}  # what training.py asks for the ops
+
+    def one_pass():
+        t0 = time.perf_counter()
+        out = packed_causal_attention(q, k, v, cu, 0.125)
+        t1 = time.perf_counter()
+        out.backward(grad_out)
+        return t1 - t0, time.perf_counter() - t1
+
+    times = {name: [] for name in sides}
+    try:
+        for r in range(rounds + 2):  # two untimed rounds: compiling, first allocations
+            for name, ops_for in sides.items():
+                kernels.training_attention_ops = ops_for
+                q.grad = k.grad = v.grad = None
+                fwd_bwd = one_pass()
+                if r >= 2:
+                    times[name].append(fwd_bwd)
+    finally:
+        kernels.training_attention_ops = real
+    print(f"training attention, one layer (9 query / 3 KV heads, head size 64, bf16), rows {rows} "
+          f"({n} tokens), medians of {rounds} alternating rounds:")
+    total = {}
+    for name, xs in times.items():
+        fwd = sorted(x[0] for x in xs)[len(xs) // 2]
+        bwd = sorted(x[1] for x in xs)[len(xs) // 2]
+        total[name] = fwd + bwd
+        print(f"  {name:8s} forward {fwd * 1e3:6.1f} ms  backward {bwd * 1e3:6.1f} ms")
+    print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"ratio compiled/kernels (forward + backward): {total['compiled'] / total['kernels']:.2f}x")
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--training", action="store_true", help="the training attention instead of decode")
+    ap.add_argument("--rows", default="1100,1175,1250,1175", help="--training: packed row lengths")
+    ap.add_argument("--rounds", type=int, default=8, help="--training: timed rounds per side")
+    args = ap.parse_args()
     print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f"; threads={torch.get_num_threads()}")
+    if args.training:
+        training([int(x) for x in args.rows.split(",")], args.rounds)
+        return
     module = kernels.load_cpu_kernels()
     if module is None:
         sys.exit("the decode-attention kernel is not available here (needs an AVX-512 CPU, g++ and ninja)")

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +28,12 @@ def test_ppo_benchmark_runs_a_step_and_the_update_baseline():
     out = run_script("benchmarks/ppo.py", "--model", "tiny", "--groups", "2", "--group-size", "2", "--steps", "1",
                      "--max-new-tokens", "8", "--max-turns", "1", "--no-baseline", "--update-baseline")
     assert "engine step:" in out and "ratio update-baseline/engine update time:" in out
+
+
+def test_training_attention_benchmark_times_both_sides():
+    from spa_rl import kernels
+
+    if kernels.training_attention_ops(torch.bfloat16, "cpu") is None:
+        pytest.skip("the CPU kernels need an AVX-512 CPU")
+    out = run_script("benchmarks/attention.py", "--training", "--rows", "40,300", "--rounds", "1")
+    assert "compiled forward" in out and "kernels  forward" in out and "ratio compiled/kernels" in out
