@@ -132,11 +132,15 @@ def test_engine_matches_the_hf_forward_path(tiny):
     assert fast.logprobs == pytest.approx(slow.logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("heads", ["head_dim 32", "head_dim 64"])
+@pytest.mark.parametrize("heads", ["head_dim 32", "head_dim 64", "head_dim 64, prefill blocks of 8"])
 def test_bf16_engine_logprobs_equal_the_bf16_forward(tiny, heads, monkeypatch):
     """head_dim 32: attention by PyTorch's flash kernel; head_dim 64 with 3 query heads per KV
-    head (SmolLM2's layout): by the AVX-512 decode kernel where the CPU has it (kernels.py)."""
+    head (SmolLM2's layout): by the CPU kernels where the CPU has AVX-512 (kernels.py), decode
+    and prefill; "prefill blocks of 8": a prefill job split into query blocks, as jobs of more
+    than `kvcache.PREFILL_BLOCK` tokens are."""
     model, tok = tiny
+    if "blocks" in heads:
+        monkeypatch.setattr(kvcache, "PREFILL_BLOCK", 8)
     if heads == "head_dim 32":
         bf16 = build_tiny_model(tok, seed=0).eval()
         bf16.load_state_dict(model.state_dict())
@@ -153,7 +157,7 @@ def test_bf16_engine_logprobs_equal_the_bf16_forward(tiny, heads, monkeypatch):
     backend = HFBackend(bf16, tok, max_batch_size=4, seed=2)
     assert backend.compute_dtype() == torch.bfloat16
     record, _ = run_episodes(backend, tok, prompts, SamplingParams(max_new_tokens=10, stop_strings=()), turns=2)
-    expect_kernel = heads == "head_dim 64" and kernels._cpu_has_avx512() and kernels.kernel_enabled()
+    expect_kernel = heads != "head_dim 32" and kernels._cpu_has_avx512() and kernels.kernel_enabled()
     assert used and all((f is not None) == expect_kernel for f in used)
     gaps = []
     for turns_ in record.values():

@@ -73,6 +73,18 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
             + out_b.float() * torch.exp(lse_b - total)[..., None]).to(out_a.dtype)
 
 
+PREFILL_BLOCK = 512  # queries per block of `KVCache._prefill_job` (scores: 3 x 3 x 512 x keys bf16)
+
+
+def _causal_block(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """Causal attention of the queries q (KV, g * n, d), rows (head j, query i) at j * n + i,
+    that are the last n of the keys k, v (KV, keys, d): a oneDNN product, the CPU kernels'
+    causal softmax in place on its bf16 scores, the product with V, then the normalisation."""
+    scores = torch.bmm(q, k.transpose(1, 2))
+    total, _ = kernel.causal_softmax_(scores, n, scale)  # scores now hold the unnormalised weights
+    return (torch.bmm(scores, v).float() / total[..., None]).to(q.dtype)
+
+
 def grouped_causal_mask(n: int, ctx: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive mask (group * n, ctx) for `grouped_causal_attention`: query i of the n new
     tokens (absolute row ctx - n + i) sees keys 0 .. ctx - n + i, repeated for each of the
@@ -252,14 +264,11 @@ class KVCache:
 
         Each job's tokens attend causally to themselves after their context: for a segment
         job its earlier tokens; for a slot job its segment and its earlier private tokens.
-        Where the AVX-512 kernel runs, the context (every new token sees all of it) goes to the
-        kernel and only the new tokens' causal block to the flash kernel, merged by their
-        log-sum-exps: 25-30% less time than one masked flash call over the whole context
-        (docs/performance.md).
+        Where the CPU kernels run, a job is one block of the training attention's kind
+        (`_prefill_job`); elsewhere one masked flash call over the context and the new tokens.
         """
         kernel = self.decode_kernel()
         masks: dict[int, torch.Tensor] = {}  # per job: the same in every layer, built at the first
-        seg_lens = torch.tensor([len(s.ids) for s in self.segments], device=self.device)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(q)
@@ -271,9 +280,7 @@ class KVCache:
                 kbuf[layer, job.index, :, job.start:end] = k[a:b].transpose(0, 1)
                 vbuf[layer, job.index, :, job.start:end] = v[a:b].transpose(0, 1)
                 if kernel is not None:
-                    if j not in masks:
-                        masks[j] = grouped_causal_mask(job.n, job.n, g, q.dtype, q.device)
-                    out[a:b] = self._prefill_job(kernel, layer, job, q[a:b], kbuf, vbuf, masks[j], seg_lens, scale)
+                    out[a:b] = self._prefill_job(kernel, layer, job, q[a:b], kbuf, vbuf, scale)
                     continue
                 keys, values = kbuf[layer, job.index, :, :end], vbuf[layer, job.index, :, :end]
                 if job.segment is not None:
@@ -287,26 +294,37 @@ class KVCache:
         return attend
 
     def _prefill_job(self, kernel, layer: int, job: PrefillJob, q: torch.Tensor, kbuf: torch.Tensor,
-                     vbuf: torch.Tensor, self_mask: torch.Tensor, seg_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """One job's prefill attention with the kernel for its context (segment, then the
-        private tokens before `job.start`) and flash for its causal block; q (n, H, d)."""
+                     vbuf: torch.Tensor, scale: float) -> torch.Tensor:
+        """One job's prefill attention as one block of the training attention's kind: its keys
+        (the segment, the private tokens before `job.start`, then its own) laid end to end, the
+        scores by one oneDNN product, the causal softmax by the CPU kernels' `causal_softmax_`
+        (the new tokens are the last n of the keys) and the product with V; q (n, H, d).
+
+        It replaced a kernel call for the context, a flash call for the new tokens' causal part
+        and the merge of the two: 1.9 -> 1.2 ms per call at 166 new tokens after ~1,000
+        (docs/performance.md). The scores are rounded to bf16 by the product, as in the training
+        forward's blocks, where the decode kernel keeps them in fp32."""
         n, H, d = q.shape
         KV = kbuf.shape[2]
         g = H // KV
-        qf = q.view(n, KV, g, d).permute(1, 2, 0, 3).reshape(1, KV, g * n, d).contiguous()  # head h = kv * g + j
+        qf = q.view(n, KV, g, d).permute(1, 2, 0, 3).reshape(KV, g * n, d)  # head h = kv * g + j
         end = job.start + job.n
-        out, lse = attention_with_lse(qf, kbuf[layer, job.index, None, :, job.start:end],
-                                      vbuf[layer, job.index, None, :, job.start:end], self_mask[None, None], scale)
-        if job.start or job.segment is not None:
-            keys, values, lens = kbuf[layer, job.index, None], vbuf[layer, job.index, None], q.new_tensor([job.start], dtype=torch.long)
-            if job.segment is None:
-                out_c, lse_c = kernel.decode_attention(qf, keys, values, lens, scale)
-            else:
-                seg = q.new_tensor([job.segment], dtype=torch.long)
-                out_c, lse_c = kernel.decode_attention_with_prefix(qf, keys, values, lens, self.seg_k[layer],
-                                                                   self.seg_v[layer], seg, seg_lens, scale)
-            out = merge_attention(out, lse, out_c, lse_c)
-        return out[0].view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
+        keys, values = kbuf[layer, job.index, :, :end], vbuf[layer, job.index, :, :end]
+        if job.segment is not None:
+            n_seg = len(self.segments[job.segment].ids)
+            keys = torch.cat([self.seg_k[layer, job.segment, :, :n_seg], keys], dim=1)
+            values = torch.cat([self.seg_v[layer, job.segment, :, :n_seg], values], dim=1)
+        ctx = keys.shape[1] - n
+        if n <= PREFILL_BLOCK:
+            out = _causal_block(kernel, qf, keys, values, n, scale)
+        else:  # query blocks, each with the keys up to its last query: bounded score memory
+            qb = qf.view(KV, g, n, d)
+            out = torch.empty(KV, g, n, d, dtype=q.dtype, device=q.device)
+            for a in range(0, n, PREFILL_BLOCK):
+                b = min(n, a + PREFILL_BLOCK)
+                out[:, :, a:b] = _causal_block(kernel, qb[:, :, a:b].reshape(KV, g * (b - a), d), keys[:, :ctx + b],
+                                               values[:, :ctx + b], b - a, scale).view(KV, g, b - a, d)
+        return out.view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
 
     # -- decode ----------------------------------------------------------------------------
     def decode_kernel(self):
