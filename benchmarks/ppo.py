@@ -1,7 +1,7 @@
 """Seconds per PPO step (rollout / scoring / update), tokens per second and peak memory.
 
     python benchmarks/ppo.py [--model default] [--groups 8] [--group-size 4] [--steps 2] [--sweep 16,32,64]
-        [--micro-batch 8] [--update-baseline] [--no-baseline]
+        [--micro-batch 8] [--update-baseline] [--attention-baseline] [--no-baseline]
 
 Runs `spa train` in this process on the given model with `groups x group_size` episodes per step
 (default 8 x 4 = 32) and the paper's other settings (keep 25% of groups, micro-batch 1 unless
@@ -19,7 +19,9 @@ same steps with the update at micro-batch 1, shared prefixes off (SPA_RL_SHARE_P
 `pack_rows`) and a separate no-grad pass for the old log-probs and values
 (`fuse_old_pass=false`), as the recipe ran it before 2026-12-07 apart from two defaults that
 changed then: activation checkpointing (off on both sides) and the fused AdamW step (on both
-sides).
+sides). `--attention-baseline` also times the same steps with the training attention's softmax
+passes compiled by torch.compile instead of done by the CPU kernels (`spa_rl.kernels`; the
+rollouts, which do not use those passes' switch, sample the same episodes).
 
 The update phase (old log-probs, then the mini-batch updates) runs through
 `training.token_logprobs`: rows packed without padding, bf16 block attention, the fused LM-head
@@ -94,6 +96,9 @@ def main() -> None:
     ap.add_argument("--update-baseline", action="store_true",
                     help="also run the same steps at micro-batch 1 with shared prefixes off and a separate "
                          "old-log-prob pass (fuse_old_pass=false) and print the update-time ratio")
+    ap.add_argument("--attention-baseline", action="store_true",
+                    help="also run the same steps with the training attention's torch.compile'd blocks instead of "
+                         "the CPU kernels' passes and print the update-time ratio")
     ap.add_argument("--sweep", default="", help="episode counts per step to time as well, e.g. 16,32,64")
     args = ap.parse_args()
 
@@ -122,6 +127,18 @@ def main() -> None:
             "update baseline: the same steps at micro-batch 1, shared prefixes off, a separate no-grad old pass",
             run_steps(args, args.groups, "auto", micro_batch=1, share_prefixes=False, fuse_old_pass=False),
             args.group_size)
+    attention_baseline = None
+    if args.attention_baseline:
+        from spa_rl import kernels
+
+        real = kernels.training_attention_ops
+        kernels.training_attention_ops = lambda *a: None  # what training.py asks; rollouts do not
+        try:
+            attention_baseline = print_steps(
+                "attention baseline: the same steps with the training attention's torch.compile'd blocks",
+                run_steps(args, args.groups, "auto"), args.group_size)
+        finally:
+            kernels.training_attention_ops = real
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print()
     if sweep:
@@ -137,6 +154,9 @@ def main() -> None:
     if update_baseline is not None:
         print(f"ratio update-baseline/engine update time: "
               f"{update_baseline['time/update_s'] / engine['time/update_s']:.2f}x")
+    if attention_baseline is not None:
+        print(f"ratio attention-baseline/engine update time: "
+              f"{attention_baseline['time/update_s'] / engine['time/update_s']:.2f}x")
     if baseline is not None:
         print(f"ratio baseline/engine step time: {baseline['time/step_s'] / engine['time/step_s']:.2f}x "
               f"(rollout {baseline['time/rollout_s'] / engine['time/rollout_s']:.2f}x)")

@@ -24,10 +24,12 @@ def test_sft_benchmark_runs_the_sft_step():
     assert "tokens/s" in out and "\nspa " in out
 
 
-def test_ppo_benchmark_runs_a_step_and_the_update_baseline():
+def test_ppo_benchmark_runs_a_step_and_the_update_baselines():
     out = run_script("benchmarks/ppo.py", "--model", "tiny", "--groups", "2", "--group-size", "2", "--steps", "1",
-                     "--max-new-tokens", "8", "--max-turns", "1", "--no-baseline", "--update-baseline")
+                     "--max-new-tokens", "8", "--max-turns", "1", "--no-baseline", "--update-baseline",
+                     "--attention-baseline")
     assert "engine step:" in out and "ratio update-baseline/engine update time:" in out
+    assert "ratio attention-baseline/engine update time:" in out
 
 
 def test_training_attention_benchmark_times_both_sides():
