@@ -134,6 +134,8 @@ def main() -> None:
         real = kernels.training_attention_ops
         kernels.training_attention_ops = lambda *a: None  # what training.py asks; rollouts do not
         try:
+            # untimed, as above: compiles the blocks, which the engine's side never compiled
+            run_steps(args, args.groups, "auto", steps=1, max_new_tokens=16, max_turns=1)
             attention_baseline = print_steps(
                 "attention baseline: the same steps with the training attention's torch.compile'd blocks",
                 run_steps(args, args.groups, "auto"), args.group_size)
