@@ -301,9 +301,10 @@ class KVCache:
         (the new tokens are the last n of the keys) and the product with V; q (n, H, d).
 
         It replaced a kernel call for the context, a flash call for the new tokens' causal part
-        and the merge of the two: 1.9 -> 1.2 ms per call at 166 new tokens after ~1,000
-        (docs/performance.md). The scores are rounded to bf16 by the product, as in the training
-        forward's blocks, where the decode kernel keeps them in fp32."""
+        and the merge of the two (about 1.9 ms per layer for 166 new tokens after ~1,000): the
+        multi-turn benchmark's prefill went 6.9 -> 5.6-5.9 s (docs/performance.md). The scores
+        are rounded to bf16 by the product, as in the training forward's blocks, where the
+        decode kernel keeps them in fp32."""
         n, H, d = q.shape
         KV = kbuf.shape[2]
         g = H // KV
