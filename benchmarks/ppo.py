@@ -68,12 +68,13 @@ def run_steps(args, groups: int, backend: str, steps: int | None = None, max_new
 
 def print_steps(title: str, steps: list[dict], group_size: int) -> dict:
     print(f"\n{title}")
-    print("step  rollout_s  scoring_s  update_s  total_s  gen_tokens/s  resp_tokens/episode  kept_episodes")
+    print("step  rollout_s  scoring_s  update_s  total_s  gen_tokens/s  resp_tokens/episode  kept_episodes  "
+          "trained_tokens")
     for r in steps:
         kept = int(r["rollout/kept_groups"]) * group_size
         print(f"{r['step']:>4}  {r['time/rollout_s']:9.1f}  {r['time/scoring_s']:9.3f}  {r['time/update_s']:8.1f}  "
               f"{r['time/step_s']:7.1f}  {r['rollout/generated_tokens_per_s']:12.1f}  "
-              f"{r['rollout/response_tokens']:19.1f}  {kept:13d}")
+              f"{r['rollout/response_tokens']:19.1f}  {kept:13d}  {int(r['rollout/trained_tokens']):14d}")
     mean = {k: sum(r[k] for r in steps) / len(steps) for k in PHASES}
     print(f"mean seconds per step: rollout {mean['time/rollout_s']:.1f}, scoring {mean['time/scoring_s']:.3f}, "
           f"update {mean['time/update_s']:.1f}, total {mean['time/step_s']:.1f}")
