@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spa_rl import kernels
 from spa_rl.models.tiny import build_byte_tokenizer, build_tiny_model
 from spa_rl.training import (
     adamw,
@@ -181,9 +182,7 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype, monkeypatch):
     # passes where the CPU has AVX-512; "bf16-compiled" the torch.compile'd blocks that serve
     # elsewhere.
     if dtype == "bf16-compiled":
-        import spa_rl.kernels
-
-        monkeypatch.setattr(spa_rl.kernels, "training_attention_ops", lambda *a: None)
+        monkeypatch.setattr(kernels, "training_attention_ops", lambda *a: None)
         dtype = torch.bfloat16
     dq, dv = {"autocast": (torch.float32, torch.bfloat16), "blocks-fp32": (torch.float32, torch.float32)}.get(
         dtype, (dtype, dtype))
@@ -213,15 +212,17 @@ def test_packed_causal_attention_equals_sdpa_per_row(dtype, monkeypatch):
         assert torch.allclose(got.grad.float(), want.grad, atol=atol * 4), (got.shape, (got.grad.float() - want.grad).abs().max())
 
 
-@pytest.mark.skipif(not __import__("spa_rl.kernels").kernels.training_attention_ops(torch.bfloat16, "cpu"),
-                    reason="the CPU kernels need an AVX-512 CPU")
+needs_cpu_kernels = pytest.mark.skipif(not kernels.training_attention_ops(torch.bfloat16, "cpu"),
+                                       reason="the CPU kernels need an AVX-512 CPU")
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("queries,keys", [(1, 1), (37, 37), (256, 256), (151, 1175), (256, 1200), (5, 300)])
 def test_cpu_kernel_blocks_compute_what_the_block_functions_compute(queries, keys):
     """A query block (the last `queries` of `keys` positions) by the CPU kernels' passes
     against the same block functions run eagerly, in bf16: the same steps and roundings, so
     they differ only where fp32 sums run in another order or exp differs in its last bit, which
     can move a bf16 result by one step (2^-8 relative)."""
-    from spa_rl import kernels
     from spa_rl.training import (
         _attention_block_backward,
         _attention_block_backward_cpu,
@@ -249,12 +250,9 @@ def test_cpu_kernel_blocks_compute_what_the_block_functions_compute(queries, key
         assert (a.float() - b.float()).abs().max() <= 2 ** -7 * scale, (name, (a.float() - b.float()).abs().max(), scale)
 
 
+@needs_cpu_kernels
 def test_cpu_kernel_blocks_refuse_bad_input():
-    from spa_rl import kernels
-
     ops = kernels.training_attention_ops(torch.bfloat16, "cpu")
-    if ops is None:
-        pytest.skip("the CPU kernels need an AVX-512 CPU")
     with pytest.raises(RuntimeError, match="bfloat16"):
         ops.causal_softmax_(torch.zeros(1, 4, 4), 4, 1.0)
     with pytest.raises(RuntimeError, match="a block of 3 queries cannot have 4 rows"):

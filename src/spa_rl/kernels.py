@@ -151,6 +151,20 @@ def decode_kernel_for(dtype: torch.dtype, head_dim: int, device: torch.device):
     return load_cpu_kernels()
 
 
+def causal_block_attention(ops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: int,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of one block whose queries are the last `queries` of its keys, with the
+    extension `ops`: q (B, R, D) bf16, R = G * queries rows (row r is query r % queries), k, v
+    (B, E, D). One oneDNN product for the scores (bf16), `causal_softmax_` in place on them, the
+    product with V, the normalisation. Returns out (B, R, D) in q's dtype and the log-sum-exp
+    (B, R) fp32. Used by the training attention's query blocks (`training`) and the rollout
+    engine's prefill jobs (`rollout.kvcache`)."""
+    scores = torch.bmm(q, k.transpose(1, 2))
+    total, lse = ops.causal_softmax_(scores, queries, scale)  # scores now hold the unnormalised weights
+    out = torch.bmm(scores, v)
+    return (out.float() / total[..., None]).to(q.dtype), lse
+
+
 def training_attention_ops(dtype: torch.dtype, device: torch.device):
     """The built extension's training-attention passes (`causal_softmax_`,
     `causal_softmax_backward_`) for block products in `dtype` on `device` (CPU, bf16), else None

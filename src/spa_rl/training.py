@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from spa_rl import kernels
+
 
 
 
@@ -367,14 +369,12 @@ def _attention_block_backward(q, k, v, grad_out, lse, delta, scale: float):
 
 def _attention_block_forward_cpu(ops, q, k, v, scale: float):
     """`_attention_block_forward` with the softmax between the two products done by the CPU
-    kernels' `causal_softmax_` (spa_rl/kernels.py) in place on the bf16 scores: the same
-    steps and roundings, each score read and written once. Compiled by inductor, that softmax
-    loop had taken longer than the block's two products."""
+    kernels' `causal_softmax_` in place on the bf16 scores (`kernels.causal_block_attention`):
+    the same steps and roundings, each score read and written once. Compiled by inductor, that
+    softmax loop had taken longer than the block's two products."""
     Hkv, G, L, D = q.shape
-    scores = torch.bmm(q.reshape(Hkv, G * L, D), k.transpose(1, 2))
-    total, lse = ops.causal_softmax_(scores, L, scale)  # scores now hold the weights
-    out = torch.bmm(scores, v).view(Hkv, G, L, D)
-    return (out.float() / total.view(Hkv, G, L, 1)).to(q.dtype), lse.view(Hkv, G, L)
+    out, lse = kernels.causal_block_attention(ops, q.reshape(Hkv, G * L, D), k, v, L, scale)
+    return out.view(Hkv, G, L, D), lse.view(Hkv, G, L)
 
 
 def _attention_block_backward_cpu(ops, q, k, v, grad_out, lse, delta, scale: float):
@@ -396,9 +396,7 @@ def _block_functions(dtype: torch.dtype, device: torch.device):
     """The forward and backward of one query block for products in `dtype` on `device`: the
     CPU kernels' passes where they apply (bf16 on an AVX-512 CPU), else the torch.compile'd
     blocks (`_kernel`)."""
-    from spa_rl.kernels import training_attention_ops
-
-    ops = training_attention_ops(dtype, device)
+    ops = kernels.training_attention_ops(dtype, device)
     if ops is None:
         return _kernel(_attention_block_forward), _kernel(_attention_block_backward)
     return (lambda *a: _attention_block_forward_cpu(ops, *a)), (lambda *a: _attention_block_backward_cpu(ops, *a))

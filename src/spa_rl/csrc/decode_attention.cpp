@@ -140,7 +140,7 @@ inline void score_range(const uint16_t* q, int64_t Gn, const KeyRange& kr, float
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t l0 = 0; l0 < L; l0 += 16) {
     const int64_t m = std::min<int64_t>(16, L - l0);
-    const __mmask16 valid = m == 16 ? __mmask16(0xffff) : __mmask16((1u << m) - 1);
+    const __mmask16 valid = first_lanes(m);
     for (int64_t g = 0; g < Gn; ++g) {
       const uint16_t* qg = q + g * kHeadDim;
       const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qg), q1 = (__m512bh)_mm512_loadu_si512(qg + 32);

@@ -23,19 +23,6 @@
 
 namespace {
 
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
-inline __m512 load_bf16_masked(const uint16_t* p, __mmask16 m) {  // masked-off lanes read as 0
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-inline void store_bf16_masked(uint16_t* p, __mmask16 m, __m512 x) {  // round to nearest even
-  __m512i u = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
 void check_scores(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3 && t.is_contiguous(), "training_attention: ", name,
               " must be a contiguous (heads, rows, keys) bfloat16 tensor");

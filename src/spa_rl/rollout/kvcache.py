@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spa_rl.kernels import decode_kernel_for
+from spa_rl.kernels import causal_block_attention, decode_kernel_for
 
 GROW_ROUND = 128  # capacities are rounded up to this many tokens
 NEG_INF = float("-inf")
@@ -74,15 +74,6 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 
 PREFILL_BLOCK = 512  # queries per block of `KVCache._prefill_job` (scores: 3 x 3 x 512 x keys bf16)
-
-
-def _causal_block(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
-    """Causal attention of the queries q (KV, g * n, d), rows (head j, query i) at j * n + i,
-    that are the last n of the keys k, v (KV, keys, d): a oneDNN product, the CPU kernels'
-    causal softmax in place on its bf16 scores, the product with V, then the normalisation."""
-    scores = torch.bmm(q, k.transpose(1, 2))
-    total, _ = kernel.causal_softmax_(scores, n, scale)  # scores now hold the unnormalised weights
-    return (torch.bmm(scores, v).float() / total[..., None]).to(q.dtype)
 
 
 def grouped_causal_mask(n: int, ctx: int, group: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -317,14 +308,15 @@ class KVCache:
             values = torch.cat([self.seg_v[layer, job.segment, :, :n_seg], values], dim=1)
         ctx = keys.shape[1] - n
         if n <= PREFILL_BLOCK:
-            out = _causal_block(kernel, qf, keys, values, n, scale)
+            out = causal_block_attention(kernel, qf, keys, values, n, scale)[0]
         else:  # query blocks, each with the keys up to its last query: bounded score memory
             qb = qf.view(KV, g, n, d)
             out = torch.empty(KV, g, n, d, dtype=q.dtype, device=q.device)
             for a in range(0, n, PREFILL_BLOCK):
                 b = min(n, a + PREFILL_BLOCK)
-                out[:, :, a:b] = _causal_block(kernel, qb[:, :, a:b].reshape(KV, g * (b - a), d), keys[:, :ctx + b],
-                                               values[:, :ctx + b], b - a, scale).view(KV, g, b - a, d)
+                out[:, :, a:b] = causal_block_attention(kernel, qb[:, :, a:b].reshape(KV, g * (b - a), d),
+                                                        keys[:, :ctx + b], values[:, :ctx + b], b - a,
+                                                        scale)[0].view(KV, g, b - a, d)
         return out.view(KV, g, n, d).permute(2, 0, 1, 3).reshape(n, H, d)
 
     # -- decode ----------------------------------------------------------------------------
